@@ -1,0 +1,1 @@
+"""keylane's benchmark workloads, runner, baselines and reports."""

@@ -1,0 +1,30 @@
+"""keylane's exceptions.
+
+Every exception keylane raises derives from :class:`KeylaneError`, and also
+from the built-in a caller would naturally catch (``ValueError`` for a bad
+value, ``TypeError`` for a bad type, ``OSError`` for storage, ``TimeoutError``
+for timeouts), so ``except ValueError`` keeps working.
+
+The native module raises these same classes (it imports them from here), so
+there is exactly one hierarchy.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InvalidArgument",
+    "InvalidType",
+    "KeylaneError",
+]
+
+
+class KeylaneError(Exception):
+    """Base class of every keylane error."""
+
+
+class InvalidArgument(KeylaneError, ValueError):
+    """An argument has the right type but a value keylane cannot accept."""
+
+
+class InvalidType(KeylaneError, TypeError):
+    """An argument has a type keylane does not accept (the message names it)."""

@@ -1,0 +1,8 @@
+//! keylane's core: everything that decides *what* may run and *what* may be
+//! committed lives here, in plain Rust with no Python in sight. The
+//! `keylane-py` crate is a thin binding over it.
+
+pub mod error;
+pub mod partitioner;
+
+pub use error::{Error, Result};

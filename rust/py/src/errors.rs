@@ -1,0 +1,57 @@
+//! The single place where errors become Python exceptions. The classes live
+//! in `keylane/errors.py` so that each can inherit from both `KeylaneError`
+//! and the right built-in (`ValueError`, `TypeError`, ...), which a class
+//! created from Rust cannot.
+
+use keylane_core::Error as CoreError;
+use pyo3::PyErr;
+use pyo3::import_exception;
+
+import_exception!(keylane.errors, InvalidArgument);
+import_exception!(keylane.errors, InvalidType);
+
+/// What a binding function can fail with: a core error, or an exception
+/// already raised on the Python side (a failing iterator, a bad `__index__`).
+#[derive(Debug)]
+pub(crate) enum Error {
+    Core(CoreError),
+    Py(PyErr),
+}
+
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<CoreError> for Error {
+    fn from(e: CoreError) -> Self {
+        Error::Core(e)
+    }
+}
+
+impl From<PyErr> for Error {
+    fn from(e: PyErr) -> Self {
+        Error::Py(e)
+    }
+}
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        match e {
+            Error::Py(e) => e,
+            Error::Core(e) => {
+                let msg = e.to_string();
+                match e {
+                    CoreError::InvalidArgument(_) => InvalidArgument::new_err(msg),
+                }
+            }
+        }
+    }
+}
+
+/// A bad value found by the binding's own argument checks.
+pub(crate) fn invalid_argument(msg: impl Into<String>) -> Error {
+    Error::Py(InvalidArgument::new_err(msg.into()))
+}
+
+/// A bad type found by the binding's own argument checks.
+pub(crate) fn invalid_type(msg: impl Into<String>) -> Error {
+    Error::Py(InvalidType::new_err(msg.into()))
+}

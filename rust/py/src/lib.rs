@@ -1,0 +1,15 @@
+//! `keylane._native`: the Python face of keylane-core. Each exposed type or
+//! group of functions has its own file; this one only assembles the module.
+
+mod args;
+mod errors;
+mod partitioner;
+
+use pyo3::prelude::*;
+
+#[pymodule(gil_used = false)]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    partitioner::register(m)?;
+    Ok(())
+}
