@@ -15,6 +15,9 @@ __all__ = [
     "InvalidArgument",
     "InvalidType",
     "KeylaneError",
+    "OffsetOrderError",
+    "QueueFull",
+    "TicketError",
 ]
 
 
@@ -28,3 +31,15 @@ class InvalidArgument(KeylaneError, ValueError):
 
 class InvalidType(KeylaneError, TypeError):
     """An argument has a type keylane does not accept (the message names it)."""
+
+
+class OffsetOrderError(InvalidArgument):
+    """An offset was not greater than the last one pushed for its partition."""
+
+
+class TicketError(InvalidArgument):
+    """A ticket was completed or retried twice, or given to the wrong dispatcher."""
+
+
+class QueueFull(KeylaneError):
+    """The dispatcher holds ``capacity`` messages; complete some before pushing more."""

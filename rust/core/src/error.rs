@@ -10,6 +10,40 @@ pub enum Error {
     /// empty key set, ...).
     #[error("{0}")]
     InvalidArgument(String),
+    /// Offsets of a partition must be pushed in strictly increasing order.
+    #[error(
+        "offset {offset} is not greater than the last offset pushed for its partition ({last}); \
+         offsets must strictly increase per partition (revoke the partition to start over)"
+    )]
+    OffsetOrder { offset: i64, last: i64 },
+    /// An entry of a batch was refused; nothing of the batch was applied.
+    #[error(
+        "batch entry {index} (partition {partition}): {error}; nothing of the batch was applied"
+    )]
+    InBatch {
+        index: usize,
+        partition: i32,
+        error: Box<Error>,
+    },
+    /// The dispatcher holds `capacity` messages already.
+    #[error(
+        "dispatcher is full ({capacity} messages queued or in flight); complete some, \
+         or create it with a larger capacity"
+    )]
+    QueueFull { capacity: usize },
+    /// A ticket was given to a dispatcher that did not hand it out.
+    #[error("this ticket was handed out by another dispatcher")]
+    ForeignTicket,
+}
+
+impl Error {
+    /// The error itself, or for a batch entry, the entry's error.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::InBatch { error, .. } => error.root(),
+            other => other,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -2,7 +2,9 @@
 //! committed lives here, in plain Rust with no Python in sight. The
 //! `keylane-py` crate is a thin binding over it.
 
+pub mod dispatch;
 pub mod error;
 pub mod partitioner;
+pub mod watermark;
 
 pub use error::{Error, Result};

@@ -9,6 +9,9 @@ use pyo3::import_exception;
 
 import_exception!(keylane.errors, InvalidArgument);
 import_exception!(keylane.errors, InvalidType);
+import_exception!(keylane.errors, OffsetOrderError);
+import_exception!(keylane.errors, QueueFull);
+import_exception!(keylane.errors, TicketError);
 
 /// What a binding function can fail with: a core error, or an exception
 /// already raised on the Python side (a failing iterator, a bad `__index__`).
@@ -37,9 +40,15 @@ impl From<Error> for PyErr {
         match e {
             Error::Py(e) => e,
             Error::Core(e) => {
+                // A batch error reads "batch entry N: ..." but is raised as
+                // the class of what was wrong with the entry.
                 let msg = e.to_string();
-                match e {
+                match e.root() {
                     CoreError::InvalidArgument(_) => InvalidArgument::new_err(msg),
+                    CoreError::OffsetOrder { .. } => OffsetOrderError::new_err(msg),
+                    CoreError::QueueFull { .. } => QueueFull::new_err(msg),
+                    CoreError::ForeignTicket => TicketError::new_err(msg),
+                    CoreError::InBatch { .. } => unreachable!("root() unwraps batch errors"),
                 }
             }
         }

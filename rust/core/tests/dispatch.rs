@@ -1,0 +1,600 @@
+//! Dispatcher behaviour, run against both lane storages.
+
+use std::collections::{HashMap, HashSet};
+
+use keylane_core::Error;
+use keylane_core::dispatch::{
+    AtomicLane, Config, Dispatcher, LaneStore, LockedLane, Ordering, Prepared, Receipt, Retried,
+    Ticket,
+};
+
+type Item = (Option<String>, i32, i64);
+
+fn make<L: LaneStore<Item>>(
+    ordering: Ordering,
+    capacity: usize,
+    max_in_flight: usize,
+) -> Dispatcher<Item, L> {
+    Dispatcher::new(Config {
+        ordering,
+        capacity,
+        max_in_flight,
+    })
+    .unwrap()
+}
+
+fn prep<L: LaneStore<Item>>(
+    d: &Dispatcher<Item, L>,
+    key: Option<&str>,
+    partition: i32,
+    offset: i64,
+) -> Prepared<Item> {
+    Prepared {
+        lane: d.lane_of(key.map(str::as_bytes), partition),
+        partition,
+        offset,
+        item: (key.map(str::to_owned), partition, offset),
+    }
+}
+
+fn push<L: LaneStore<Item>>(
+    d: &Dispatcher<Item, L>,
+    key: Option<&str>,
+    partition: i32,
+    offset: i64,
+) {
+    d.push(prep(d, key, partition, offset)).unwrap();
+}
+
+fn pop<L: LaneStore<Item>>(d: &Dispatcher<Item, L>, n: usize) -> Vec<Ticket<Item, L>> {
+    let popped = d.pop_ready(n);
+    assert!(popped.discarded.is_empty());
+    popped.tickets
+}
+
+fn offsets<L>(ts: &[Ticket<Item, L>]) -> Vec<i64> {
+    ts.iter().map(|t| t.item.2).collect()
+}
+
+fn complete_all<L: LaneStore<Item>>(d: &Dispatcher<Item, L>, ts: Vec<Ticket<Item, L>>) {
+    let receipts: Vec<Receipt<L>> = ts.into_iter().map(|t| t.receipt).collect();
+    let n = receipts.len();
+    assert_eq!(d.complete_many(receipts).unwrap(), n);
+}
+
+macro_rules! suite {
+    ($name:ident, $lane:ident) => {
+        mod $name {
+            use super::*;
+            type L = $lane<Item>;
+
+            #[test]
+            fn key_order_is_fifo_per_key_and_one_in_flight_per_key() {
+                let d = make::<L>(Ordering::Key, 100, 100);
+                push(&d, Some("a"), 0, 0);
+                push(&d, Some("a"), 0, 1);
+                push(&d, Some("b"), 0, 2);
+                push(&d, Some("a"), 0, 3);
+                let first = pop(&d, 10);
+                assert_eq!(offsets(&first), vec![0, 2], "one per key, keys in parallel");
+                assert!(pop(&d, 10).is_empty(), "a and b are both busy");
+                let mut first = first.into_iter();
+                let a0 = first.next().unwrap();
+                assert!(d.complete(a0.receipt).unwrap());
+                assert_eq!(offsets(&pop(&d, 10)), vec![1]);
+                assert_eq!(d.in_flight(), 2);
+                assert_eq!(d.queued(), 1);
+            }
+
+            #[test]
+            fn keyless_messages_are_unordered_under_key() {
+                let d = make::<L>(Ordering::Key, 100, 100);
+                for o in 0..4 {
+                    push(&d, None, 0, o);
+                }
+                assert_eq!(offsets(&pop(&d, 10)), vec![0, 1, 2, 3]);
+            }
+
+            #[test]
+            fn partition_order_is_one_in_flight_per_partition() {
+                let d = make::<L>(Ordering::Partition, 100, 100);
+                push(&d, Some("a"), 0, 0);
+                push(&d, Some("b"), 0, 1);
+                push(&d, Some("c"), 1, 0);
+                push(&d, None, 1, 1);
+                let ts = pop(&d, 10);
+                assert_eq!(
+                    ts.iter().map(|t| (t.item.1, t.item.2)).collect::<Vec<_>>(),
+                    vec![(0, 0), (1, 0)]
+                );
+                complete_all(&d, ts);
+                let ts = pop(&d, 10);
+                assert_eq!(
+                    ts.iter().map(|t| (t.item.1, t.item.2)).collect::<Vec<_>>(),
+                    vec![(0, 1), (1, 1)]
+                );
+            }
+
+            #[test]
+            fn total_order_is_one_in_flight_in_push_order() {
+                let d = make::<L>(Ordering::Total, 100, 100);
+                push(&d, Some("a"), 3, 10);
+                push(&d, Some("b"), 1, 5);
+                push(&d, None, 2, 7);
+                let mut seen = vec![];
+                loop {
+                    let ts = pop(&d, 10);
+                    if ts.is_empty() {
+                        break;
+                    }
+                    assert_eq!(ts.len(), 1);
+                    seen.push((ts[0].item.1, ts[0].item.2));
+                    complete_all(&d, ts);
+                }
+                assert_eq!(seen, vec![(3, 10), (1, 5), (2, 7)]);
+            }
+
+            #[test]
+            fn unordered_hands_out_everything_in_push_order() {
+                let d = make::<L>(Ordering::Unordered, 100, 100);
+                push(&d, Some("a"), 0, 0);
+                push(&d, Some("a"), 0, 1);
+                push(&d, Some("a"), 1, 0);
+                assert_eq!(
+                    pop(&d, 10)
+                        .iter()
+                        .map(|t| (t.item.1, t.item.2))
+                        .collect::<Vec<_>>(),
+                    vec![(0, 0), (0, 1), (1, 0)]
+                );
+            }
+
+            #[test]
+            fn a_busy_key_does_not_starve_others() {
+                let d = make::<L>(Ordering::Key, 10_000, 1);
+                for o in 0..1000 {
+                    push(&d, Some("hot"), 0, o);
+                }
+                for (i, k) in ["x", "y", "z"].iter().enumerate() {
+                    push(&d, Some(k), 1, i as i64);
+                }
+                // With one slot in flight, the other keys are served within
+                // the first four turns, not after the hot key's 1000.
+                let mut keys = vec![];
+                for _ in 0..4 {
+                    let ts = pop(&d, 1);
+                    keys.push(ts[0].item.0.clone().unwrap());
+                    complete_all(&d, ts);
+                }
+                let others: HashSet<_> = keys.iter().filter(|k| *k != "hot").cloned().collect();
+                assert_eq!(others.len(), 3, "served: {keys:?}");
+            }
+
+            #[test]
+            fn max_in_flight_caps_pops() {
+                let d = make::<L>(Ordering::Unordered, 100, 3);
+                for o in 0..10 {
+                    push(&d, None, 0, o);
+                }
+                let ts = pop(&d, 10);
+                assert_eq!(ts.len(), 3);
+                assert!(pop(&d, 10).is_empty());
+                complete_all(&d, ts);
+                assert_eq!(pop(&d, 10).len(), 3);
+            }
+
+            #[test]
+            fn capacity_bounds_queued_plus_in_flight() {
+                let d = make::<L>(Ordering::Key, 5, 100);
+                let batch: Vec<_> = (0..8).map(|o| prep(&d, Some("k"), 0, o)).collect();
+                let acc = d.push_many(batch).unwrap();
+                assert_eq!(acc.count, 5);
+                assert_eq!(
+                    acc.rejected.iter().map(|i| i.2).collect::<Vec<_>>(),
+                    vec![5, 6, 7]
+                );
+                assert_eq!(
+                    d.push(prep(&d, Some("k"), 0, 5)),
+                    Err(Error::QueueFull { capacity: 5 })
+                );
+                let ts = pop(&d, 10);
+                assert_eq!(ts.len(), 1);
+                assert_eq!(d.free_capacity(), 0, "in flight still counts");
+                complete_all(&d, ts);
+                assert_eq!(d.free_capacity(), 1);
+                push(&d, Some("k"), 0, 5);
+            }
+
+            #[test]
+            fn watermark_waits_for_the_lowest_outstanding_offset() {
+                let d = make::<L>(Ordering::Key, 100, 100);
+                for (k, o) in [("a", 10), ("b", 11), ("c", 12)] {
+                    push(&d, Some(k), 0, o);
+                }
+                push(&d, Some("x"), 1, 0);
+                assert_eq!(d.committable(), vec![(0, 10), (1, 0)]);
+                let mut ts = pop(&d, 10);
+                ts.sort_by_key(|t| (t.item.1, t.item.2));
+                let mut it = ts.into_iter();
+                let (a, b, c, x) = (
+                    it.next().unwrap(),
+                    it.next().unwrap(),
+                    it.next().unwrap(),
+                    it.next().unwrap(),
+                );
+                d.complete(c.receipt).unwrap();
+                d.complete(b.receipt).unwrap();
+                assert_eq!(d.committable(), vec![(0, 10), (1, 0)]);
+                d.complete(a.receipt).unwrap();
+                d.complete(x.receipt).unwrap();
+                assert_eq!(d.committable(), vec![(0, 13), (1, 1)]);
+            }
+
+            #[test]
+            fn offset_gaps_do_not_block_the_watermark() {
+                let d = make::<L>(Ordering::Key, 100, 100);
+                push(&d, Some("a"), 0, 5);
+                push(&d, Some("b"), 0, 900);
+                complete_all(&d, pop(&d, 10));
+                assert_eq!(d.committable(), vec![(0, 901)]);
+            }
+
+            #[test]
+            fn retry_goes_back_to_the_head_and_blocks_the_key() {
+                let d = make::<L>(Ordering::Key, 100, 100);
+                push(&d, Some("a"), 0, 0);
+                push(&d, Some("a"), 0, 1);
+                push(&d, Some("b"), 0, 2);
+                let ts = pop(&d, 10);
+                assert_eq!(offsets(&ts), vec![0, 2]);
+                let mut it = ts.into_iter();
+                let a0 = it.next().unwrap();
+                assert_eq!(a0.receipt.attempt(), 0);
+                assert!(matches!(
+                    d.retry(a0.receipt, a0.item).unwrap(),
+                    Retried::Requeued
+                ));
+                let again = pop(&d, 10);
+                assert_eq!(
+                    offsets(&again),
+                    vec![0],
+                    "the retried message, not offset 1"
+                );
+                assert_eq!(again[0].receipt.attempt(), 1);
+                assert_eq!(d.committable(), vec![(0, 0)]);
+                complete_all(&d, again);
+                assert_eq!(offsets(&pop(&d, 10)), vec![1]);
+                assert_eq!(d.stats().retried, 1);
+            }
+
+            #[test]
+            fn revoke_drops_queued_and_stales_in_flight() {
+                let d = make::<L>(Ordering::Key, 100, 100);
+                push(&d, Some("a"), 0, 0);
+                push(&d, Some("a"), 0, 1);
+                push(&d, Some("b"), 1, 0);
+                push(&d, Some("a"), 1, 1);
+                let ts = pop(&d, 10);
+                assert_eq!(ts.len(), 2); // a@0/0 and b@1/0
+                assert_eq!(d.revoke([0]), 1, "a@0/1 was queued");
+                assert_eq!(d.committable(), vec![(1, 0)]);
+                let (mut stale, mut live) = (0, 0);
+                for t in ts {
+                    if d.complete(t.receipt).unwrap() {
+                        live += 1
+                    } else {
+                        stale += 1
+                    }
+                }
+                assert_eq!((stale, live), (1, 1));
+                // The revoked message is skipped; key a's partition-1 message runs.
+                let popped = d.pop_ready(10);
+                assert_eq!(popped.discarded.len(), 1);
+                assert_eq!(
+                    popped
+                        .tickets
+                        .iter()
+                        .map(|t| (t.item.1, t.item.2))
+                        .collect::<Vec<_>>(),
+                    vec![(1, 1)]
+                );
+                complete_all(&d, popped.tickets);
+                // After a revoke the partition may start again, at any offset.
+                push(&d, Some("a"), 0, 0);
+                assert_eq!(d.committable(), vec![(0, 0), (1, 2)]);
+                let s = d.stats();
+                assert_eq!((s.pushed, s.completed, s.stale, s.revoked), (5, 2, 1, 1));
+                assert_eq!(s.tombstones, 0);
+            }
+
+            #[test]
+            fn retry_of_a_revoked_message_drops_it() {
+                let d = make::<L>(Ordering::Key, 100, 100);
+                push(&d, Some("a"), 0, 0);
+                let t = pop(&d, 1).pop().unwrap();
+                d.revoke([0]);
+                assert!(matches!(
+                    d.retry(t.receipt, t.item).unwrap(),
+                    Retried::Stale(_)
+                ));
+                assert_eq!(d.stats().stale, 1);
+                assert_eq!(d.free_capacity(), 100);
+            }
+
+            #[test]
+            fn bad_offsets_refuse_the_whole_batch() {
+                let d = make::<L>(Ordering::Key, 100, 100);
+                push(&d, Some("a"), 0, 10);
+                let batch = vec![
+                    prep(&d, Some("b"), 1, 0),
+                    prep(&d, Some("c"), 0, 11),
+                    prep(&d, Some("d"), 0, 11),
+                ];
+                let err = d.push_many(batch).unwrap_err();
+                assert_eq!(
+                    err,
+                    Error::InBatch {
+                        index: 2,
+                        partition: 0,
+                        error: Box::new(Error::OffsetOrder {
+                            offset: 11,
+                            last: 11
+                        })
+                    }
+                );
+                assert_eq!(d.queued(), 1, "nothing of the batch was applied");
+                assert_eq!(d.committable(), vec![(0, 10)]);
+                let err = d.push(prep(&d, Some("a"), 0, -1)).unwrap_err();
+                assert!(matches!(err.root(), Error::InvalidArgument(_)));
+            }
+
+            #[test]
+            fn tickets_of_another_dispatcher_are_refused() {
+                let d1 = make::<L>(Ordering::Key, 10, 10);
+                let d2 = make::<L>(Ordering::Key, 10, 10);
+                push(&d1, Some("a"), 0, 0);
+                let t = pop(&d1, 1).pop().unwrap();
+                assert_eq!(d2.complete(t.receipt).unwrap_err(), Error::ForeignTicket);
+            }
+
+            #[test]
+            fn idle_lanes_are_swept() {
+                let d = make::<L>(Ordering::Key, 100_000, 100_000);
+                for round in 0..4 {
+                    let keys: Vec<String> = (0..20_000).map(|i| format!("k{round}-{i}")).collect();
+                    let batch: Vec<_> = keys
+                        .iter()
+                        .enumerate()
+                        .map(|(i, k)| prep(&d, Some(k), round, i as i64))
+                        .collect();
+                    assert_eq!(d.push_many(batch).unwrap().count, 20_000);
+                    let ts = pop(&d, 100_000);
+                    assert_eq!(ts.len(), 20_000);
+                    complete_all(&d, ts);
+                }
+                let lanes = d.stats().lanes;
+                assert!(lanes < 40_000, "80,000 keys seen, {lanes} lanes kept");
+            }
+
+            #[test]
+            fn config_is_validated() {
+                assert!(
+                    Dispatcher::<Item, L>::new(Config {
+                        capacity: 0,
+                        ..Config::default()
+                    })
+                    .is_err()
+                );
+                assert!(
+                    Dispatcher::<Item, L>::new(Config {
+                        max_in_flight: 0,
+                        ..Config::default()
+                    })
+                    .is_err()
+                );
+                assert!("sideways".parse::<Ordering>().is_err());
+                for o in ["total", "partition", "key", "none"] {
+                    assert_eq!(o.parse::<Ordering>().unwrap().as_str(), o);
+                }
+            }
+
+            #[test]
+            fn stress_many_threads_keep_per_key_order() {
+                stress::<L>(Ordering::Key, false);
+            }
+
+            #[test]
+            fn stress_with_concurrent_revokes_loses_nothing() {
+                stress::<L>(Ordering::Key, true);
+            }
+
+            #[test]
+            fn stress_partition_order() {
+                stress::<L>(Ordering::Partition, false);
+            }
+        }
+    };
+}
+
+suite!(locked, LockedLane);
+suite!(atomic, AtomicLane);
+
+/// Feeders push disjoint partitions in offset order (keys shared across
+/// partitions), workers pop, sometimes retry, complete. An independent
+/// checker asserts that no lane ever has two messages in flight and that each
+/// key's offsets, per partition, are completed in increasing order. With
+/// `revokes`, a chaos thread revokes partitions meanwhile; every pushed
+/// message must still end up completed, stale, or counted as revoked.
+fn stress<L: LaneStore<Item> + 'static>(ordering: Ordering, revokes: bool) {
+    use std::sync::atomic::{AtomicBool, Ordering as A};
+    use std::sync::{Arc, Mutex};
+
+    const FEEDERS: i32 = 3;
+    // KEYLANE_STRESS_SCALE=50 makes a longer hunt for races.
+    let scale: i64 = std::env::var("KEYLANE_STRESS_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let per_feeder: i64 = 20_000 * scale;
+    const WORKERS: usize = 3;
+    let d = Arc::new(make::<L>(ordering, 5_000, 256));
+    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let last_done: Arc<Mutex<HashMap<(String, i32), i64>>> = Arc::default();
+    let feeding_done = Arc::new(AtomicBool::new(false));
+
+    let lane_of = move |item: &Item| -> String {
+        match ordering {
+            Ordering::Key => item.0.clone().unwrap(),
+            Ordering::Partition => format!("p{}", item.1),
+            _ => unreachable!(),
+        }
+    };
+
+    let mut threads = vec![];
+    for f in 0..FEEDERS {
+        let d = Arc::clone(&d);
+        threads.push(std::thread::spawn(move || {
+            let mut offset = 0i64;
+            // Each feeder owns two partitions.
+            let parts = [f * 2, f * 2 + 1];
+            let mut next = [0i64; 2];
+            while offset < per_feeder {
+                let n = (1 + (offset % 97)).min(per_feeder - offset) as usize;
+                let batch: Vec<_> = (0..n)
+                    .map(|i| {
+                        let which = (offset as usize + i) % 2;
+                        let o = next[which];
+                        next[which] += 1 + (o % 5 == 0) as i64; // some gaps
+                        let key = format!("k{}", (offset as usize + i) % 101);
+                        prep(&d, Some(&key), parts[which], o)
+                    })
+                    .collect();
+                let acc = match d.push_many(batch) {
+                    Ok(acc) => acc,
+                    // A revoke forgot the partition's last offset; never here
+                    // since offsets only grow, but keep the feeder honest.
+                    Err(e) => panic!("{e}"),
+                };
+                // Re-push what did not fit, in order, until it fits.
+                let mut rest = acc.rejected;
+                while !rest.is_empty() {
+                    std::thread::yield_now();
+                    let again: Vec<_> = rest
+                        .into_iter()
+                        .map(|it| prep(&d, it.0.as_deref(), it.1, it.2))
+                        .collect();
+                    rest = d.push_many(again).unwrap().rejected;
+                }
+                offset += n as i64;
+            }
+        }));
+    }
+    let revoked_any = Arc::new(AtomicBool::new(false));
+    if revokes {
+        let d = Arc::clone(&d);
+        let done = Arc::clone(&feeding_done);
+        let revoked_any = Arc::clone(&revoked_any);
+        threads.push(std::thread::spawn(move || {
+            let mut p = 0;
+            while !done.load(A::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_micros(300));
+                d.revoke([p % (FEEDERS * 2)]);
+                revoked_any.store(true, A::Relaxed);
+                p += 1;
+            }
+        }));
+    }
+    let mut workers = vec![];
+    for w in 0..WORKERS {
+        let d = Arc::clone(&d);
+        let in_flight = Arc::clone(&in_flight);
+        let last_done = Arc::clone(&last_done);
+        let done = Arc::clone(&feeding_done);
+        workers.push(std::thread::spawn(move || {
+            let mut n = 0u64;
+            loop {
+                let popped = d.pop_ready(64);
+                if popped.tickets.is_empty() {
+                    if done.load(A::Acquire) && d.queued() == 0 && d.in_flight() == 0 {
+                        break;
+                    }
+                    std::thread::yield_now();
+                    continue;
+                }
+                for t in &popped.tickets {
+                    assert!(
+                        in_flight.lock().unwrap().insert(lane_of(&t.item)),
+                        "two in flight on one lane: {:?}",
+                        t.item
+                    );
+                }
+                let mut receipts = vec![];
+                for t in popped.tickets {
+                    n += 1;
+                    let lane = lane_of(&t.item);
+                    if (n + w as u64) % 17 == 0 && t.receipt.attempt() == 0 {
+                        assert!(in_flight.lock().unwrap().remove(&lane));
+                        let _ = d.retry(t.receipt, t.item).unwrap();
+                        continue;
+                    }
+                    let key = (t.item.0.clone().unwrap(), t.item.1);
+                    // Record the order before the lane is released, so the
+                    // next message of the key cannot record first.
+                    let mut last = last_done.lock().unwrap();
+                    assert!(in_flight.lock().unwrap().remove(&lane));
+                    if revokes {
+                        // Complete one by one: only live completions count;
+                        // a stale ticket's partition was forgotten.
+                        if d.complete(t.receipt).unwrap() {
+                            if let Some(prev) = last.insert(key, t.item.2) {
+                                assert!(
+                                    prev < t.item.2,
+                                    "key {:?} went back from {prev} to {}",
+                                    t.item.0,
+                                    t.item.2
+                                );
+                            }
+                        }
+                    } else {
+                        if let Some(prev) = last.insert(key, t.item.2) {
+                            assert!(
+                                prev < t.item.2,
+                                "key {:?} went back from {prev} to {}",
+                                t.item.0,
+                                t.item.2
+                            );
+                        }
+                        receipts.push(t.receipt);
+                    }
+                }
+                d.complete_many(receipts).unwrap();
+            }
+        }));
+    }
+    for t in threads.drain(..FEEDERS as usize) {
+        t.join().unwrap();
+    }
+    feeding_done.store(true, A::Release);
+    for t in threads {
+        t.join().unwrap();
+    }
+    for w in workers {
+        w.join().unwrap();
+    }
+    let s = d.stats();
+    let pushed = (FEEDERS as u64) * per_feeder as u64;
+    assert_eq!(s.pushed, pushed);
+    assert_eq!((s.queued, s.in_flight, s.tombstones), (0, 0, 0), "{s:?}");
+    assert_eq!(d.free_capacity(), 5_000, "nothing leaked");
+    assert_eq!(s.completed + s.stale + s.revoked, pushed, "{s:?}");
+    if !revokes {
+        assert_eq!(s.completed, pushed);
+        // Every partition is fully committed.
+        for (p, w) in d.committable() {
+            assert!(w > 0, "partition {p}");
+        }
+        assert_eq!(d.committable().len(), (FEEDERS * 2) as usize);
+    } else {
+        assert!(revoked_any.load(A::Relaxed));
+    }
+}
