@@ -6,9 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering as A};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use keylane_core::dispatch::{
-    AtomicLane, Config, Dispatcher, LaneStore, LockedLane, Ordering, Prepared,
-};
+use keylane_core::dispatch::lockfree::{AtomicLane, LockFreeDispatcher, LockedLane};
+use keylane_core::dispatch::{Config, Dispatch, Dispatcher, Ordering, Prepared};
 
 const KEYS: u64 = 10_000;
 const PARTITIONS: i32 = 12;
@@ -27,17 +26,10 @@ struct Feed {
 
 impl Feed {
     fn new() -> Self {
-        Feed {
-            n: 0,
-            offsets: vec![0; PARTITIONS as usize],
-        }
+        Feed { n: 0, offsets: vec![0; PARTITIONS as usize] }
     }
 
-    fn batch<L: LaneStore<u64>>(
-        &mut self,
-        d: &Dispatcher<u64, L>,
-        len: usize,
-    ) -> Vec<Prepared<u64>> {
+    fn batch<D: Dispatch<u64>>(&mut self, d: &D, len: usize) -> Vec<Prepared<u64>> {
         (0..len)
             .map(|_| {
                 let key = key_of(self.n);
@@ -45,25 +37,15 @@ impl Feed {
                 let offset = self.offsets[partition as usize];
                 self.offsets[partition as usize] += 1;
                 self.n += 1;
-                Prepared {
-                    lane: d.lane_of(Some(&key), partition),
-                    partition,
-                    offset,
-                    item: self.n,
-                }
+                Prepared { lane: d.lane_of(Some(&key), partition), partition, offset, item: self.n }
             })
             .collect()
     }
 }
 
 /// One thread: push a batch, pop and complete until it is drained.
-fn single_thread<L: LaneStore<u64>>(iters: u64) -> Duration {
-    let d: Dispatcher<u64, L> = Dispatcher::new(Config {
-        ordering: Ordering::Key,
-        capacity: 1 << 20,
-        max_in_flight: 1 << 20,
-    })
-    .unwrap();
+fn single_thread<D: Dispatch<u64>>(iters: u64) -> Duration {
+    let d = D::new(Config { ordering: Ordering::Key, capacity: 1 << 20, max_in_flight: 1 << 20 }).unwrap();
     let mut feed = Feed::new();
     let start = Instant::now();
     for _ in 0..iters {
@@ -84,14 +66,9 @@ fn single_thread<L: LaneStore<u64>>(iters: u64) -> Duration {
 
 /// Two threads: one pushes batches as capacity allows, the other pops and
 /// completes; timed until `iters` batches went through.
-fn two_threads<L: LaneStore<u64> + 'static>(iters: u64) -> Duration {
-    let d: Arc<Dispatcher<u64, L>> = Arc::new(
-        Dispatcher::new(Config {
-            ordering: Ordering::Key,
-            capacity: 16 * BATCH,
-            max_in_flight: 4 * BATCH,
-        })
-        .unwrap(),
+fn two_threads<D: Dispatch<u64> + 'static>(iters: u64) -> Duration {
+    let d: Arc<D> = Arc::new(
+        D::new(Config { ordering: Ordering::Key, capacity: 16 * BATCH, max_in_flight: 4 * BATCH }).unwrap(),
     );
     let total = iters as usize * BATCH;
     let fed = Arc::new(AtomicBool::new(false));
@@ -110,7 +87,7 @@ fn two_threads<L: LaneStore<u64> + 'static>(iters: u64) -> Duration {
                     std::hint::spin_loop();
                     continue;
                 }
-                let acc = d.push_many(feed.batch(&d, room)).unwrap();
+                let acc = d.push_many(feed.batch(&*d, room)).unwrap();
                 assert_eq!(acc.count, room);
                 sent += room;
             }
@@ -133,21 +110,32 @@ fn two_threads<L: LaneStore<u64> + 'static>(iters: u64) -> Duration {
     start.elapsed()
 }
 
+type LockFreeLocked = LockFreeDispatcher<u64, LockedLane<u64>>;
+type LockFreeAtomic = LockFreeDispatcher<u64, AtomicLane<u64>>;
+
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("dispatch-10k-keys");
     g.throughput(Throughput::Elements(BATCH as u64));
-    g.bench_function(BenchmarkId::new("1-thread", "locked-lanes"), |b| {
-        b.iter_custom(single_thread::<LockedLane<u64>>)
-    });
-    g.bench_function(BenchmarkId::new("1-thread", "atomic-lanes"), |b| {
-        b.iter_custom(single_thread::<AtomicLane<u64>>)
-    });
-    g.bench_function(BenchmarkId::new("2-threads", "locked-lanes"), |b| {
-        b.iter_custom(two_threads::<LockedLane<u64>>)
-    });
-    g.bench_function(BenchmarkId::new("2-threads", "atomic-lanes"), |b| {
-        b.iter_custom(two_threads::<AtomicLane<u64>>)
-    });
+    for (threads, f) in [
+        (
+            "1-thread",
+            [
+                single_thread::<Dispatcher<u64>> as fn(u64) -> Duration,
+                single_thread::<LockFreeLocked>,
+                single_thread::<LockFreeAtomic>,
+            ],
+        ),
+        (
+            "2-threads",
+            [two_threads::<Dispatcher<u64>>, two_threads::<LockFreeLocked>, two_threads::<LockFreeAtomic>],
+        ),
+    ] {
+        for (name, run) in
+            ["sharded (shipped)", "lockfree-locked-lanes", "lockfree-atomic-lanes"].into_iter().zip(f)
+        {
+            g.bench_function(BenchmarkId::new(threads, name), |b| b.iter_custom(run));
+        }
+    }
     g.finish();
 }
 

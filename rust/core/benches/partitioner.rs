@@ -25,10 +25,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| ks.iter().fold(0i32, |acc, k| acc ^ murmur2(black_box(k))))
         });
         group.bench_with_input(BenchmarkId::new("partition", len), &ks, |b, ks| {
-            b.iter(|| {
-                ks.iter()
-                    .fold(0u32, |acc, k| acc ^ partition_for_key(black_box(k), parts))
-            })
+            b.iter(|| ks.iter().fold(0u32, |acc, k| acc ^ partition_for_key(black_box(k), parts)))
         });
     }
     group.finish();

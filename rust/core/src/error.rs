@@ -17,14 +17,8 @@ pub enum Error {
     )]
     OffsetOrder { offset: i64, last: i64 },
     /// An entry of a batch was refused; nothing of the batch was applied.
-    #[error(
-        "batch entry {index} (partition {partition}): {error}; nothing of the batch was applied"
-    )]
-    InBatch {
-        index: usize,
-        partition: i32,
-        error: Box<Error>,
-    },
+    #[error("batch entry {index} (partition {partition}): {error}; nothing of the batch was applied")]
+    InBatch { index: usize, partition: i32, error: Box<Error> },
     /// The dispatcher holds `capacity` messages already.
     #[error(
         "dispatcher is full ({capacity} messages queued or in flight); complete some, \

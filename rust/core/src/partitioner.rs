@@ -85,7 +85,8 @@ impl Moves {
     pub fn fraction(&self) -> Result<f64> {
         if self.total == 0 {
             return Err(Error::InvalidArgument(
-                "repartition_moves needs at least one key: the fraction of an empty key set is undefined".into(),
+                "repartition_moves needs at least one key: the fraction of an empty key set is undefined"
+                    .into(),
             ));
         }
         Ok(self.moved as f64 / self.total as f64)
@@ -135,10 +136,7 @@ mod tests {
             (b"foobar", -790_332_482),
             (b"a-little-bit-long-string", -985_981_536),
             (b"a-little-bit-longer-string", -1_486_304_829),
-            (
-                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
-                -58_897_971,
-            ),
+            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
             (b"abc", 479_470_107),
         ];
         for (key, want) in cases {
@@ -167,12 +165,7 @@ mod tests {
             (b"", 0x106e_08d9),
         ];
         for (key, want) in cases {
-            assert_eq!(
-                murmur2(key),
-                want as i32,
-                "key {:?}",
-                String::from_utf8_lossy(key)
-            );
+            assert_eq!(murmur2(key), want as i32, "key {:?}", String::from_utf8_lossy(key));
         }
     }
 
@@ -180,14 +173,8 @@ mod tests {
     /// topic, computed by the Java client.
     #[test]
     fn kafka_python_partition_vectors() {
-        let cases: [(&[u8], u32); 6] = [
-            (b"", 681),
-            (b"a", 524),
-            (b"ab", 434),
-            (b"abc", 107),
-            (b"123456789", 566),
-            (b"\x00 ", 742),
-        ];
+        let cases: [(&[u8], u32); 6] =
+            [(b"", 681), (b"a", 524), (b"ab", 434), (b"abc", 107), (b"123456789", 566), (b"\x00 ", 742)];
         for (key, want) in cases {
             assert_eq!(partition_for_key(key, n(1000)), want, "key {key:?}");
         }
@@ -210,9 +197,7 @@ mod tests {
 
     #[test]
     fn doubling_partitions_moves_about_half_the_keys() {
-        let keys: Vec<Vec<u8>> = (0..20_000)
-            .map(|i| format!("acct-{i}").into_bytes())
-            .collect();
+        let keys: Vec<Vec<u8>> = (0..20_000).map(|i| format!("acct-{i}").into_bytes()).collect();
         let f = repartition_moves(keys.iter().map(Vec::as_slice), n(6), n(12)).unwrap();
         // h % 12 keeps h % 6 exactly when the bit above is zero: half the keys.
         assert!((f - 0.5).abs() < 0.02, "fraction {f}");
@@ -231,9 +216,6 @@ mod tests {
         assert!(partition_count(-3, "n").is_err());
         assert!(partition_count(i64::from(i32::MAX) + 1, "n").is_err());
         assert_eq!(partition_count(12, "n").unwrap().get(), 12);
-        assert_eq!(
-            partition_count(i64::from(i32::MAX), "n").unwrap().get(),
-            i32::MAX as u32
-        );
+        assert_eq!(partition_count(i64::from(i32::MAX), "n").unwrap().get(), i32::MAX as u32);
     }
 }

@@ -39,20 +39,18 @@ struct Segment {
 
 impl Segment {
     fn new(offset: i64) -> Self {
-        let mut words = VecDeque::with_capacity(1);
+        let mut words = VecDeque::with_capacity(4);
         words.push_back(1u64 << (offset & 63));
-        Segment {
-            base: offset & !63,
-            words,
-            outstanding: 1,
-        }
+        Segment { base: offset & !63, words, outstanding: 1 }
     }
 
     /// One past the last offset the words can hold.
+    #[inline]
     fn end(&self) -> i64 {
         self.base + 64 * self.words.len() as i64
     }
 
+    #[inline]
     fn word_index(&self, offset: i64) -> usize {
         ((offset - self.base) >> 6) as usize
     }
@@ -87,6 +85,7 @@ impl OffsetWindow {
     }
 
     /// Checks that `offset` may be pushed next, without changing anything.
+    #[inline]
     pub fn check(&self, offset: i64) -> Result<()> {
         check_next(self.last_pushed, offset)
     }
@@ -98,33 +97,46 @@ impl OffsetWindow {
 
     /// Records `offset` as pushed and outstanding. Offsets must be
     /// non-negative and strictly increasing.
+    #[inline]
     pub fn push(&mut self, offset: i64) -> Result<()> {
         self.check(offset)?;
         self.last_pushed = Some(offset);
         self.outstanding += 1;
-        match self.segments.back_mut() {
-            Some(seg) if offset < seg.end() + 64 * GAP_WORDS => {
+        if let Some(seg) = self.segments.back_mut() {
+            let end = seg.end();
+            if offset < end {
+                // Same word region as the last push: the common case.
                 let i = seg.word_index(offset);
-                if i >= seg.words.len() {
-                    seg.words.resize(i + 1, 0);
-                }
                 seg.words[i] |= 1u64 << (offset & 63);
                 seg.outstanding += 1;
+                return Ok(());
             }
-            _ => self.segments.push_back(Segment::new(offset)),
+            if offset < end + 64 * GAP_WORDS {
+                let i = seg.word_index(offset);
+                seg.words.resize(i, 0);
+                seg.words.push_back(1u64 << (offset & 63));
+                seg.outstanding += 1;
+                return Ok(());
+            }
         }
+        self.segments.push_back(Segment::new(offset));
         Ok(())
     }
 
     /// Marks `offset` completed. Returns false (and changes nothing) if it
     /// was not outstanding.
+    #[inline]
     pub fn complete(&mut self, offset: i64) -> bool {
-        // Segments are sorted by base; the one holding `offset` is the last
-        // whose base is <= offset.
-        let idx = self.segments.partition_point(|s| s.base <= offset);
-        let Some(seg) = idx.checked_sub(1).and_then(|i| self.segments.get_mut(i)) else {
-            return false;
+        // Completions land in the first segment unless offsets are sparse.
+        let idx = match self.segments.front() {
+            Some(seg) if offset >= seg.base && offset < seg.end() => 0,
+            Some(_) => match self.segments.partition_point(|s| s.base <= offset).checked_sub(1) {
+                Some(i) => i,
+                None => return false,
+            },
+            None => return false,
         };
+        let seg = &mut self.segments[idx];
         if offset >= seg.end() {
             return false;
         }
@@ -137,7 +149,7 @@ impl OffsetWindow {
         seg.outstanding -= 1;
         self.outstanding -= 1;
         if seg.outstanding == 0 {
-            self.segments.remove(idx - 1);
+            self.segments.remove(idx);
         } else if seg.words[i] == 0 {
             seg.trim();
         }
@@ -162,21 +174,16 @@ impl OffsetWindow {
     /// Approximate heap bytes held (for the documented memory bound).
     pub fn heap_bytes(&self) -> usize {
         self.segments.capacity() * std::mem::size_of::<Segment>()
-            + self
-                .segments
-                .iter()
-                .map(|s| s.words.capacity() * 8)
-                .sum::<usize>()
+            + self.segments.iter().map(|s| s.words.capacity() * 8).sum::<usize>()
     }
 }
 
 /// The rule every watermark implementation shares: non-negative, strictly
 /// increasing offsets.
+#[inline]
 pub fn check_next(last_pushed: Option<i64>, offset: i64) -> Result<()> {
     if offset < 0 {
-        return Err(Error::InvalidArgument(format!(
-            "offset must be >= 0, got {offset}"
-        )));
+        return Err(Error::InvalidArgument(format!("offset must be >= 0, got {offset}")));
     }
     if let Some(last) = last_pushed
         && offset <= last
@@ -201,10 +208,7 @@ mod tests {
 
     impl Model {
         fn committable(&self) -> Option<i64> {
-            self.outstanding
-                .first()
-                .copied()
-                .or(self.last.map(|l| l + 1))
+            self.outstanding.first().copied().or(self.last.map(|l| l + 1))
         }
     }
 
@@ -251,11 +255,7 @@ mod tests {
             w.push(o).unwrap();
         }
         // Dense window: at most two bits per outstanding offset.
-        assert!(
-            w.heap_bytes() <= (n as usize) / 4 + 4096,
-            "{} bytes",
-            w.heap_bytes()
-        );
+        assert!(w.heap_bytes() <= (n as usize) / 4 + 4096, "{} bytes", w.heap_bytes());
         // Complete the odd offsets, then the even ones in reverse.
         for o in (1..n).step_by(2) {
             assert!(w.complete(o));
@@ -291,20 +291,8 @@ mod tests {
     fn refuses_non_increasing_and_negative_offsets() {
         let mut w = OffsetWindow::new();
         w.push(10).unwrap();
-        assert_eq!(
-            w.push(10),
-            Err(Error::OffsetOrder {
-                offset: 10,
-                last: 10
-            })
-        );
-        assert_eq!(
-            w.push(3),
-            Err(Error::OffsetOrder {
-                offset: 3,
-                last: 10
-            })
-        );
+        assert_eq!(w.push(10), Err(Error::OffsetOrder { offset: 10, last: 10 }));
+        assert_eq!(w.push(3), Err(Error::OffsetOrder { offset: 3, last: 10 }));
         assert!(matches!(w.push(-1), Err(Error::InvalidArgument(_))));
         assert_eq!(w.committable(), Some(10));
     }

@@ -14,10 +14,7 @@ use crate::errors::{Result, invalid_argument, invalid_type};
 pub(crate) type KeyBytes<'a> = Cow<'a, [u8]>;
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "<unknown>".to_owned())
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "<unknown>".to_owned())
 }
 
 /// The bytes Kafka would hash for `obj`: `bytes`, `bytearray`, a
@@ -30,9 +27,9 @@ pub(crate) fn key_bytes<'a>(obj: &'a Bound<'_, PyAny>) -> Result<KeyBytes<'a>> {
     if let Ok(s) = obj.cast::<PyString>() {
         return match s.to_str() {
             Ok(text) => Ok(Cow::Borrowed(text.as_bytes())),
-            Err(e) if e.is_instance_of::<PyUnicodeEncodeError>(obj.py()) => Err(invalid_argument(
-                format!("key str cannot be encoded as UTF-8 ({e}); pass the key as bytes instead"),
-            )),
+            Err(e) if e.is_instance_of::<PyUnicodeEncodeError>(obj.py()) => Err(invalid_argument(format!(
+                "key str cannot be encoded as UTF-8 ({e}); pass the key as bytes instead"
+            ))),
             Err(e) => Err(e.into()),
         };
     }
@@ -49,10 +46,7 @@ pub(crate) fn key_bytes<'a>(obj: &'a Bound<'_, PyAny>) -> Result<KeyBytes<'a>> {
         let data = data.cast::<PyBytes>().map_err(PyErr::from)?;
         return Ok(Cow::Owned(data.as_bytes().to_vec()));
     }
-    Err(invalid_type(format!(
-        "key must be bytes, bytearray, memoryview or str, not {}",
-        type_name(obj)
-    )))
+    Err(invalid_type(format!("key must be bytes, bytearray, memoryview or str, not {}", type_name(obj))))
 }
 
 /// An integer argument, named `what` in messages. `bool` is refused even
@@ -68,9 +62,6 @@ pub(crate) fn int_arg(obj: &Bound<'_, PyAny>, what: &str) -> Result<i64> {
             "{what} is out of range: {}",
             obj.str().map(|s| s.to_string()).unwrap_or_default()
         ))),
-        Err(_) => Err(invalid_type(format!(
-            "{what} must be an int, not {}",
-            type_name(obj)
-        ))),
+        Err(_) => Err(invalid_type(format!("{what} must be an int, not {}", type_name(obj)))),
     }
 }

@@ -25,11 +25,7 @@ pub struct Partition {
 
 impl Partition {
     pub(crate) fn new(id: i32) -> Self {
-        Partition {
-            id,
-            state: AtomicU64::new(0),
-            window: Mutex::new(OffsetWindow::new()),
-        }
+        Partition { id, state: AtomicU64::new(0), window: Mutex::new(OffsetWindow::new()) }
     }
 
     pub(crate) fn is_revoked(&self) -> bool {

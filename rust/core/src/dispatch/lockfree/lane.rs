@@ -88,13 +88,7 @@ pub struct LockedLane<T> {
 
 impl<T: Send> LaneStore<T> for LockedLane<T> {
     fn new() -> Self {
-        LockedLane {
-            inner: Mutex::new(LockedInner {
-                queue: VecDeque::new(),
-                owned: false,
-                retired: false,
-            }),
-        }
+        LockedLane { inner: Mutex::new(LockedInner { queue: VecDeque::new(), owned: false, retired: false }) }
     }
 
     fn push_back(&self, e: Entry<T>) -> Result<bool, Entry<T>> {
@@ -173,11 +167,7 @@ pub struct AtomicLane<T> {
 
 impl<T: Send> LaneStore<T> for AtomicLane<T> {
     fn new() -> Self {
-        AtomicLane {
-            state: AtomicU64::new(0),
-            queue: SegQueue::new(),
-            head: Mutex::new(None),
-        }
+        AtomicLane { state: AtomicU64::new(0), queue: SegQueue::new(), head: Mutex::new(None) }
     }
 
     fn push_back(&self, e: Entry<T>) -> Result<bool, Entry<T>> {
@@ -188,10 +178,7 @@ impl<T: Send> LaneStore<T> for AtomicLane<T> {
             if cur & RETIRED != 0 {
                 return Err(e);
             }
-            match self
-                .state
-                .compare_exchange_weak(cur, (cur + 1) | OWNED, AcqRel, Acquire)
-            {
+            match self.state.compare_exchange_weak(cur, (cur + 1) | OWNED, AcqRel, Acquire) {
                 Ok(_) => break,
                 Err(now) => cur = now,
             }
@@ -237,10 +224,7 @@ impl<T: Send> LaneStore<T> for AtomicLane<T> {
             if cur & COUNT != 0 {
                 return Release::Reschedule;
             }
-            match self
-                .state
-                .compare_exchange_weak(cur, cur & !OWNED, AcqRel, Acquire)
-            {
+            match self.state.compare_exchange_weak(cur, cur & !OWNED, AcqRel, Acquire) {
                 Ok(_) => return Release::Idle,
                 Err(now) => cur = now,
             }
@@ -248,9 +232,7 @@ impl<T: Send> LaneStore<T> for AtomicLane<T> {
     }
 
     fn try_retire(&self) -> bool {
-        self.state
-            .compare_exchange(0, RETIRED, AcqRel, Acquire)
-            .is_ok()
+        self.state.compare_exchange(0, RETIRED, AcqRel, Acquire).is_ok()
     }
 
     fn depth(&self) -> usize {
