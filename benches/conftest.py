@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,31 @@ class Perf:
                     value >= t.value,
                     f"{t.group}: {t.name} = {value:,.3g} (target >= {t.value:,.3g})",
                 )
+
+
+def alternate(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Times each callable once per round, interleaved, after one warm-up.
+
+    This machine has slow phases that last seconds; running implementations
+    in alternation puts both in the same phase, so per-round ratios compare
+    like with like.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for warm_up in runs.values():
+        warm_up()
+    for _ in range(rounds):
+        for name, run in runs.items():
+            gc.collect()
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 _PERF = Perf()

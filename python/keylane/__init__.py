@@ -6,18 +6,32 @@ The public API is re-exported here; ``keylane._native`` is the Rust core.
 from __future__ import annotations
 
 from keylane._native import (
+    Dispatcher,
+    Ticket,
     __version__,
     murmur2,
     partition_for_key,
     partitions_for_keys,
     repartition_moves,
 )
-from keylane.errors import InvalidArgument, InvalidType, KeylaneError
+from keylane.errors import (
+    InvalidArgument,
+    InvalidType,
+    KeylaneError,
+    OffsetOrderError,
+    QueueFull,
+    TicketError,
+)
 
 __all__ = [
+    "Dispatcher",
     "InvalidArgument",
     "InvalidType",
     "KeylaneError",
+    "OffsetOrderError",
+    "QueueFull",
+    "Ticket",
+    "TicketError",
     "__version__",
     "murmur2",
     "partition_for_key",

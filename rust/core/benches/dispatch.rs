@@ -45,7 +45,8 @@ impl Feed {
 
 /// One thread: push a batch, pop and complete until it is drained.
 fn single_thread<D: Dispatch<u64>>(iters: u64) -> Duration {
-    let d = D::new(Config { ordering: Ordering::Key, capacity: 1 << 20, max_in_flight: 1 << 20 }).unwrap();
+    let d = D::new(Config { ordering: Ordering::Key, capacity: 1 << 20, max_in_flight: 1 << 20, seed: None })
+        .unwrap();
     let mut feed = Feed::new();
     let start = Instant::now();
     for _ in 0..iters {
@@ -68,7 +69,13 @@ fn single_thread<D: Dispatch<u64>>(iters: u64) -> Duration {
 /// completes; timed until `iters` batches went through.
 fn two_threads<D: Dispatch<u64> + 'static>(iters: u64) -> Duration {
     let d: Arc<D> = Arc::new(
-        D::new(Config { ordering: Ordering::Key, capacity: 16 * BATCH, max_in_flight: 4 * BATCH }).unwrap(),
+        D::new(Config {
+            ordering: Ordering::Key,
+            capacity: 16 * BATCH,
+            max_in_flight: 4 * BATCH,
+            seed: None,
+        })
+        .unwrap(),
     );
     let total = iters as usize * BATCH;
     let fed = Arc::new(AtomicBool::new(false));

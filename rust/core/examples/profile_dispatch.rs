@@ -4,9 +4,13 @@ use keylane_core::dispatch::{Config, Dispatch, Dispatcher, Ordering, Prepared};
 
 fn main() {
     let rounds: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2000);
-    let d: Dispatcher<u64> =
-        Dispatcher::new(Config { ordering: Ordering::Key, capacity: 1 << 20, max_in_flight: 1 << 20 })
-            .unwrap();
+    let d: Dispatcher<u64> = Dispatcher::new(Config {
+        ordering: Ordering::Key,
+        capacity: 1 << 20,
+        max_in_flight: 1 << 20,
+        seed: None,
+    })
+    .unwrap();
     let mut offsets = [0i64; 12];
     let mut n = 0u64;
     let start = std::time::Instant::now();

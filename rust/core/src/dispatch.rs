@@ -80,11 +80,16 @@ pub struct Config {
     pub capacity: usize,
     /// Bound on messages in flight.
     pub max_in_flight: usize,
+    /// Seed of the key hash, which decides which shard a key's lane lives in
+    /// and so the order in which different keys' messages are handed out.
+    /// `None` (the default) picks a random seed; tests that replay a
+    /// schedule fix it.
+    pub seed: Option<u64>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { ordering: Ordering::Key, capacity: 100_000, max_in_flight: 1024 }
+        Config { ordering: Ordering::Key, capacity: 100_000, max_in_flight: 1024, seed: None }
     }
 }
 
@@ -108,18 +113,21 @@ pub enum LaneKey {
 }
 
 /// Maps (key, partition) to a lane under an ordering model. Keys are hashed
-/// with a per-dispatcher random seed, so nobody can choose keys that collide
-/// on purpose; two keys that do collide share a lane, which serializes them
-/// and never breaks order.
+/// with a per-dispatcher seed (random unless fixed), so nobody can choose
+/// keys that collide on purpose; two keys that do collide share a lane, which
+/// serializes them and never breaks order.
 #[derive(Debug, Clone)]
 pub struct LaneHasher {
     ordering: Ordering,
-    seed: foldhash::fast::RandomState,
+    seed: foldhash::fast::FixedState,
 }
 
 impl LaneHasher {
-    pub fn new(ordering: Ordering) -> Self {
-        LaneHasher { ordering, seed: foldhash::fast::RandomState::default() }
+    pub fn new(ordering: Ordering, seed: Option<u64>) -> Self {
+        // A RandomState is seeded from the OS once per process and perturbed
+        // per instance: hashing anything with a fresh one gives a random u64.
+        let seed = seed.unwrap_or_else(|| foldhash::fast::RandomState::default().hash_one(0u64));
+        LaneHasher { ordering, seed: foldhash::fast::FixedState::with_seed(seed) }
     }
 
     #[inline]

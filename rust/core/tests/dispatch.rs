@@ -12,7 +12,7 @@ use keylane_core::dispatch::{
 type Item = (Option<String>, i32, i64);
 
 fn make<D: Dispatch<Item>>(ordering: Ordering, capacity: usize, max_in_flight: usize) -> D {
-    D::new(Config { ordering, capacity, max_in_flight }).unwrap()
+    D::new(Config { ordering, capacity, max_in_flight, seed: None }).unwrap()
 }
 
 fn prep<D: Dispatch<Item>>(d: &D, key: Option<&str>, partition: i32, offset: i64) -> Prepared<Item> {

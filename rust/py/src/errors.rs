@@ -55,6 +55,21 @@ impl From<Error> for PyErr {
     }
 }
 
+impl Error {
+    /// The same error, its message prefixed with the batch entry it is about.
+    pub(crate) fn in_batch(self, py: pyo3::Python<'_>, index: usize) -> Error {
+        let err: PyErr = self.into();
+        let ty = err.get_type(py);
+        let msg = format!("batch entry {index}: {}", err.value(py));
+        Error::Py(PyErr::from_type(ty, msg))
+    }
+}
+
+/// A ticket used twice or given to the wrong dispatcher.
+pub(crate) fn ticket_error(msg: impl Into<String>) -> Error {
+    Error::Py(TicketError::new_err(msg.into()))
+}
+
 /// A bad value found by the binding's own argument checks.
 pub(crate) fn invalid_argument(msg: impl Into<String>) -> Error {
     Error::Py(InvalidArgument::new_err(msg.into()))

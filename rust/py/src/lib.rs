@@ -2,8 +2,10 @@
 //! group of functions has its own file; this one only assembles the module.
 
 mod args;
+mod dispatcher;
 mod errors;
 mod partitioner;
+mod ticket;
 
 use pyo3::prelude::*;
 
@@ -11,5 +13,6 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     partitioner::register(m)?;
+    dispatcher::register(m)?;
     Ok(())
 }

@@ -117,7 +117,7 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
         Ok(LockFreeDispatcher {
             config,
             id: NEXT_ID.fetch_add(1, Relaxed),
-            hasher: LaneHasher::new(config.ordering),
+            hasher: LaneHasher::new(config.ordering, config.seed),
             lanes: HashIndex::with_hasher(foldhash::fast::RandomState::default()),
             partitions: HashIndex::with_hasher(foldhash::fast::RandomState::default()),
             ready: SegQueue::new(),

@@ -258,7 +258,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         Ok(Dispatcher {
             config,
             id: NEXT_ID.fetch_add(1, Relaxed),
-            lanes_of: LaneHasher::new(config.ordering),
+            lanes_of: LaneHasher::new(config.ordering, config.seed),
             shards,
             solo: CachePadded::new(Solo { queue: Mutex::new(VecDeque::new()), hint: AtomicUsize::new(0) }),
             partitions: HashIndex::with_hasher(foldhash::fast::RandomState::default()),
@@ -547,6 +547,11 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
 }
 
 impl<T: Send> Dispatcher<T> {
+    /// True if `r` was handed out by this dispatcher.
+    pub fn owns(&self, r: &Receipt) -> bool {
+        r.owner == self.id
+    }
+
     fn check_owner(&self, r: &Receipt) -> Result<()> {
         if r.owner != self.id {
             return Err(Error::ForeignTicket);
