@@ -21,6 +21,10 @@ mod sharded;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::str::FromStr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+
+use crossbeam_utils::CachePadded;
 
 pub use sharded::{Dispatcher, Receipt};
 
@@ -278,4 +282,67 @@ pub trait Dispatch<T: Send>: Send + Sync + Sized {
     fn in_flight(&self) -> usize;
     /// Room left under `capacity`.
     fn free_capacity(&self) -> usize;
+}
+
+/// The counters every design keeps, kept the same way: `Relaxed` atomics,
+/// since none of them publishes data. `held` (queued + in flight, + any
+/// tombstones) bounds memory; `in_flight` bounds concurrency; both are
+/// reserved with a CAS loop so the bound is exact.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) held: CachePadded<AtomicUsize>,
+    pub(crate) in_flight: CachePadded<AtomicUsize>,
+    pub(crate) queued: AtomicUsize,
+    pub(crate) pushed: AtomicU64,
+    pub(crate) completed: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) stale: AtomicU64,
+    pub(crate) revoked: AtomicU64,
+}
+
+impl Counters {
+    /// Takes up to `want` units of `counter` under `limit`.
+    pub(crate) fn reserve(counter: &AtomicUsize, limit: usize, want: usize) -> usize {
+        let mut cur = counter.load(Relaxed);
+        loop {
+            let take = want.min(limit.saturating_sub(cur));
+            if take == 0 {
+                return 0;
+            }
+            match counter.compare_exchange_weak(cur, cur + take, Relaxed, Relaxed) {
+                Ok(_) => return take,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Relaxed)
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Relaxed)
+    }
+
+    pub(crate) fn free(&self, capacity: usize) -> usize {
+        capacity.saturating_sub(self.held.load(Relaxed))
+    }
+
+    /// The counters as `Stats`; the caller fills in what it scans.
+    pub(crate) fn snapshot(&self, lanes: usize, max_lane_depth: usize) -> Stats {
+        let queued = self.queued();
+        let in_flight = self.in_flight();
+        Stats {
+            pushed: self.pushed.load(Relaxed),
+            completed: self.completed.load(Relaxed),
+            retried: self.retried.load(Relaxed),
+            stale: self.stale.load(Relaxed),
+            revoked: self.revoked.load(Relaxed),
+            queued,
+            in_flight,
+            tombstones: self.held.load(Relaxed).saturating_sub(queued + in_flight),
+            lanes,
+            max_lane_depth,
+        }
+    }
 }

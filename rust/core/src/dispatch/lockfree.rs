@@ -28,7 +28,8 @@ pub use lane::{AtomicLane, Entry, LaneStore, LockedLane, Release};
 use partition::Partition;
 
 use super::{
-    Accepted, Config, Dispatch, LaneHasher, LaneKey, Popped, Prepared, Retried, Revoked, Stats, Ticket,
+    Accepted, Config, Counters, Dispatch, LaneHasher, LaneKey, Popped, Prepared, Retried, Revoked, Stats,
+    Ticket,
 };
 use crate::watermark::check_next;
 use crate::{Error, Result};
@@ -85,26 +86,18 @@ pub struct LockFreeDispatcher<T, L = LockedLane<T>> {
     lanes: HashIndex<u64, Arc<L>, foldhash::fast::RandomState>,
     partitions: HashIndex<i32, Arc<Partition>, foldhash::fast::RandomState>,
     ready: SegQueue<Ready<T, L>>,
-    /// Entries held in memory: queued + in flight + tombstones.
-    held: AtomicUsize,
-    queued: AtomicUsize,
-    in_flight: AtomicUsize,
+    counters: Counters,
     lanes_total: AtomicUsize,
     idle_lanes: AtomicUsize,
     sweeping: AtomicBool,
-    pushed: AtomicU64,
-    completed: AtomicU64,
-    retried: AtomicU64,
-    stale: AtomicU64,
-    revoked: AtomicU64,
 }
 
 impl<T, L> fmt::Debug for LockFreeDispatcher<T, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockFreeDispatcher")
             .field("config", &self.config)
-            .field("queued", &self.queued.load(Relaxed))
-            .field("in_flight", &self.in_flight.load(Relaxed))
+            .field("queued", &self.counters.queued.load(Relaxed))
+            .field("in_flight", &self.counters.in_flight.load(Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -121,17 +114,10 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
             lanes: HashIndex::with_hasher(foldhash::fast::RandomState::default()),
             partitions: HashIndex::with_hasher(foldhash::fast::RandomState::default()),
             ready: SegQueue::new(),
-            held: AtomicUsize::new(0),
-            queued: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
+            counters: Counters::default(),
             lanes_total: AtomicUsize::new(0),
             idle_lanes: AtomicUsize::new(0),
             sweeping: AtomicBool::new(false),
-            pushed: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
-            stale: AtomicU64::new(0),
-            revoked: AtomicU64::new(0),
         })
     }
 
@@ -144,16 +130,15 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
     }
 
     fn queued(&self) -> usize {
-        self.queued.load(Relaxed)
+        self.counters.queued()
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight.load(Relaxed)
+        self.counters.in_flight()
     }
 
-    /// Room left under `capacity`.
     fn free_capacity(&self) -> usize {
-        self.config.capacity.saturating_sub(self.held.load(Relaxed))
+        self.counters.free(self.config.capacity)
     }
 
     /// Pushes a batch. Validation is all-or-nothing: if any entry breaks a
@@ -188,7 +173,7 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
                 })?;
                 last[j] = Some(p.offset);
             }
-            let count = self.reserve(&self.held, self.config.capacity, batch.len());
+            let count = Counters::reserve(&self.counters.held, self.config.capacity, batch.len());
             // Count first: an entry may be popped the instant it is enqueued.
             let mut per_part = vec![0u64; ids.len()];
             for p in &batch[..count] {
@@ -197,7 +182,7 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
             for (part, n) in parts.iter().zip(&per_part) {
                 part.add_queued(*n);
             }
-            self.queued.fetch_add(count, Relaxed);
+            self.counters.queued.fetch_add(count, Relaxed);
             let mut rest = batch.into_iter();
             for p in rest.by_ref().take(count) {
                 let j = slot(p.partition);
@@ -206,7 +191,7 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
                 self.enqueue(p.lane, entry, &guard);
             }
             drop(windows);
-            self.pushed.fetch_add(count as u64, Relaxed);
+            self.counters.pushed.fetch_add(count as u64, Relaxed);
             return Ok(Accepted { count, rejected: rest.map(|p| p.item).collect() });
         }
     }
@@ -214,7 +199,7 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
     /// Hands out up to `max_items` messages that may run now (fewer if
     /// `max_in_flight` is reached or nothing more is ready).
     fn pop_ready(&self, max_items: usize) -> Popped<T, Receipt<L>> {
-        let want = self.reserve(&self.in_flight, self.config.max_in_flight, max_items);
+        let want = Counters::reserve(&self.counters.in_flight, self.config.max_in_flight, max_items);
         let mut tickets = Vec::with_capacity(want);
         let mut discarded = Vec::new();
         while tickets.len() < want {
@@ -245,9 +230,9 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
         }
         let got = tickets.len();
         if got < want {
-            self.in_flight.fetch_sub(want - got, Relaxed);
+            self.counters.in_flight.fetch_sub(want - got, Relaxed);
         }
-        self.queued.fetch_sub(got, Relaxed);
+        self.counters.queued.fetch_sub(got, Relaxed);
         Popped { tickets, discarded }
     }
 
@@ -260,27 +245,27 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
         let n = receipts.len();
         let live: usize = receipts.into_iter().map(|r| usize::from(self.finish(r))).sum();
         // Counters once per batch, not once per message.
-        self.completed.fetch_add(live as u64, Relaxed);
-        self.stale.fetch_add((n - live) as u64, Relaxed);
-        self.in_flight.fetch_sub(n, Relaxed);
-        self.held.fetch_sub(n, Relaxed);
+        self.counters.completed.fetch_add(live as u64, Relaxed);
+        self.counters.stale.fetch_add((n - live) as u64, Relaxed);
+        self.counters.in_flight.fetch_sub(n, Relaxed);
+        self.counters.held.fetch_sub(n, Relaxed);
         Ok(live)
     }
 
     fn retry(&self, receipt: Receipt<L>, item: T) -> Result<Retried<T>> {
         self.check_owner(&receipt)?;
-        self.in_flight.fetch_sub(1, Relaxed);
+        self.counters.in_flight.fetch_sub(1, Relaxed);
         let Receipt { lane, part, offset, attempt, .. } = receipt;
         if !part.put_back_queued() {
-            self.held.fetch_sub(1, Relaxed);
-            self.stale.fetch_add(1, Relaxed);
+            self.counters.held.fetch_sub(1, Relaxed);
+            self.counters.stale.fetch_add(1, Relaxed);
             if let Some(lane) = lane {
                 self.release_lane(lane);
             }
             return Ok(Retried::Stale(item));
         }
-        self.queued.fetch_add(1, Relaxed);
-        self.retried.fetch_add(1, Relaxed);
+        self.counters.queued.fetch_add(1, Relaxed);
+        self.counters.retried.fetch_add(1, Relaxed);
         let entry = Entry { item, part, offset, attempt: attempt.saturating_add(1) };
         match lane {
             Some(lane) => {
@@ -322,8 +307,8 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
             self.partitions.remove_if_sync(&id, |p| Arc::ptr_eq(p, &part));
         }
         let dropped = usize::try_from(dropped).expect("bounded by capacity");
-        self.queued.fetch_sub(dropped, Relaxed);
-        self.revoked.fetch_add(dropped as u64, Relaxed);
+        self.counters.queued.fetch_sub(dropped, Relaxed);
+        self.counters.revoked.fetch_add(dropped as u64, Relaxed);
         // Items stay in their lanes as tombstones until reached.
         Revoked { count: dropped, discarded: Vec::new() }
     }
@@ -332,39 +317,11 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
         let guard = Guard::new();
         let (lanes, max_lane_depth) =
             self.lanes.iter(&guard).fold((0, 0), |(n, max), (_, l)| (n + 1, max.max(l.depth())));
-        let queued = self.queued.load(Relaxed);
-        let in_flight = self.in_flight.load(Relaxed);
-        Stats {
-            pushed: self.pushed.load(Relaxed),
-            completed: self.completed.load(Relaxed),
-            retried: self.retried.load(Relaxed),
-            stale: self.stale.load(Relaxed),
-            revoked: self.revoked.load(Relaxed),
-            queued,
-            in_flight,
-            tombstones: self.held.load(Relaxed).saturating_sub(queued + in_flight),
-            lanes,
-            max_lane_depth,
-        }
+        self.counters.snapshot(lanes, max_lane_depth)
     }
 }
 
 impl<T: Send, L: LaneStore<T>> LockFreeDispatcher<T, L> {
-    /// Takes up to `want` units of `counter` under `limit`.
-    fn reserve(&self, counter: &AtomicUsize, limit: usize, want: usize) -> usize {
-        let mut cur = counter.load(Relaxed);
-        loop {
-            let take = want.min(limit.saturating_sub(cur));
-            if take == 0 {
-                return 0;
-            }
-            match counter.compare_exchange_weak(cur, cur + take, Relaxed, Relaxed) {
-                Ok(_) => return take,
-                Err(now) => cur = now,
-            }
-        }
-    }
-
     fn partition(&self, id: i32, guard: &Guard) -> Arc<Partition> {
         loop {
             if let Some(p) = self.partitions.peek(&id, guard) {
@@ -427,7 +384,7 @@ impl<T: Send, L: LaneStore<T>> LockFreeDispatcher<T, L> {
     }
 
     fn tombstone(&self, e: Entry<T>, discarded: &mut Vec<T>) {
-        self.held.fetch_sub(1, Relaxed);
+        self.counters.held.fetch_sub(1, Relaxed);
         discarded.push(e.item);
     }
 

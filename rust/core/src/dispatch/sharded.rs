@@ -27,8 +27,8 @@ use parking_lot::{Mutex, MutexGuard};
 use scc::{Guard, HashIndex};
 
 use super::{
-    Accepted, Config, Dispatch, LaneHasher, LaneKey, Popped, Prepared, ReceiptInfo, Retried, Revoked, Stats,
-    Ticket,
+    Accepted, Config, Counters, Dispatch, LaneHasher, LaneKey, Popped, Prepared, ReceiptInfo, Retried,
+    Revoked, Stats, Ticket,
 };
 use crate::watermark::{OffsetWindow, check_next};
 use crate::{Error, Result};
@@ -198,22 +198,15 @@ pub struct Dispatcher<T> {
     /// revoke resets one in place), so an `Arc` to one stays meaningful.
     partitions: HashIndex<i32, Arc<Partition>, foldhash::fast::RandomState>,
     cursor: AtomicUsize,
-    held: CachePadded<AtomicUsize>,
-    in_flight: CachePadded<AtomicUsize>,
-    queued: AtomicUsize,
-    pushed: AtomicU64,
-    completed: AtomicU64,
-    retried: AtomicU64,
-    stale: AtomicU64,
-    revoked: AtomicU64,
+    counters: Counters,
 }
 
 impl<T> fmt::Debug for Dispatcher<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Dispatcher")
             .field("config", &self.config)
-            .field("queued", &self.queued.load(Relaxed))
-            .field("in_flight", &self.in_flight.load(Relaxed))
+            .field("queued", &self.counters.queued.load(Relaxed))
+            .field("in_flight", &self.counters.in_flight.load(Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -263,14 +256,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             solo: CachePadded::new(Solo { queue: Mutex::new(VecDeque::new()), hint: AtomicUsize::new(0) }),
             partitions: HashIndex::with_hasher(foldhash::fast::RandomState::default()),
             cursor: AtomicUsize::new(0),
-            held: CachePadded::new(AtomicUsize::new(0)),
-            in_flight: CachePadded::new(AtomicUsize::new(0)),
-            queued: AtomicUsize::new(0),
-            pushed: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
-            stale: AtomicU64::new(0),
-            revoked: AtomicU64::new(0),
+            counters: Counters::default(),
         })
     }
 
@@ -299,7 +285,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             })?;
             last[j] = Some(p.offset);
         }
-        let count = reserve(&self.held, self.config.capacity, batch.len());
+        let count = Counters::reserve(&self.counters.held, self.config.capacity, batch.len());
         let mut sizes = [0usize; SHARDS + 1];
         for p in &batch[..count] {
             sizes[source_of(p.lane)] += 1;
@@ -326,7 +312,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         }
         // Counted before they become visible: a message may be popped the
         // moment its shard is unlocked.
-        self.queued.fetch_add(count, Relaxed);
+        self.counters.queued.fetch_add(count, Relaxed);
         for (s, bucket) in buckets.into_iter().enumerate() {
             if bucket.is_empty() {
                 continue;
@@ -346,12 +332,12 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         // Windows stay locked until the messages are in their lanes, so a
         // revoke of these partitions either sees all of them or none.
         drop(locked);
-        self.pushed.fetch_add(count as u64, Relaxed);
+        self.counters.pushed.fetch_add(count as u64, Relaxed);
         Ok(Accepted { count, rejected: rest.map(|p| p.item).collect() })
     }
 
     fn pop_ready(&self, max_items: usize) -> Popped<T, Receipt> {
-        let want = reserve(&self.in_flight, self.config.max_in_flight, max_items);
+        let want = Counters::reserve(&self.counters.in_flight, self.config.max_in_flight, max_items);
         let mut tickets = Vec::with_capacity(want);
         if want > 0 {
             // Sources are the shards plus the unordered queue. Each takes an
@@ -380,9 +366,9 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         }
         let got = tickets.len();
         if got < want {
-            self.in_flight.fetch_sub(want - got, Relaxed);
+            self.counters.in_flight.fetch_sub(want - got, Relaxed);
         }
-        self.queued.fetch_sub(got, Relaxed);
+        self.counters.queued.fetch_sub(got, Relaxed);
         Popped { tickets, discarded: Vec::new() }
     }
 
@@ -408,10 +394,10 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         drop(locked);
         self.release_all(receipts.iter().map(|r| r.slot));
         let n = receipts.len();
-        self.completed.fetch_add(live as u64, Relaxed);
-        self.stale.fetch_add((n - live) as u64, Relaxed);
-        self.in_flight.fetch_sub(n, Relaxed);
-        self.held.fetch_sub(n, Relaxed);
+        self.counters.completed.fetch_add(live as u64, Relaxed);
+        self.counters.stale.fetch_add((n - live) as u64, Relaxed);
+        self.counters.in_flight.fetch_sub(n, Relaxed);
+        self.counters.held.fetch_sub(n, Relaxed);
         Ok(live)
     }
 
@@ -419,12 +405,12 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         self.check_owner(&receipt)?;
         let part = self.partition(receipt.partition);
         let state = part.lock();
-        self.in_flight.fetch_sub(1, Relaxed);
+        self.counters.in_flight.fetch_sub(1, Relaxed);
         if state.epoch != receipt.epoch {
             drop(state);
             self.release_all([receipt.slot]);
-            self.held.fetch_sub(1, Relaxed);
-            self.stale.fetch_add(1, Relaxed);
+            self.counters.held.fetch_sub(1, Relaxed);
+            self.counters.stale.fetch_add(1, Relaxed);
             return Ok(Retried::Stale(item));
         }
         let entry = Entry {
@@ -434,7 +420,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             offset: receipt.offset,
             attempt: receipt.attempt.saturating_add(1),
         };
-        self.queued.fetch_add(1, Relaxed);
+        self.counters.queued.fetch_add(1, Relaxed);
         // The partition stays locked while the message goes back, so a
         // revoke cannot miss it.
         match receipt.slot {
@@ -452,7 +438,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             }
         }
         drop(state);
-        self.retried.fetch_add(1, Relaxed);
+        self.counters.retried.fetch_add(1, Relaxed);
         Ok(Retried::Requeued)
     }
 
@@ -506,9 +492,9 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         }
         drop(locked);
         let count = discarded.len();
-        self.queued.fetch_sub(count, Relaxed);
-        self.held.fetch_sub(count, Relaxed);
-        self.revoked.fetch_add(count as u64, Relaxed);
+        self.counters.queued.fetch_sub(count, Relaxed);
+        self.counters.held.fetch_sub(count, Relaxed);
+        self.counters.revoked.fetch_add(count as u64, Relaxed);
         Revoked { count, discarded }
     }
 
@@ -519,30 +505,19 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             lanes += st.lanes.len();
             max_lane_depth = st.lanes.values().map(|l| l.queue.len()).fold(max_lane_depth, usize::max);
         }
-        Stats {
-            pushed: self.pushed.load(Relaxed),
-            completed: self.completed.load(Relaxed),
-            retried: self.retried.load(Relaxed),
-            stale: self.stale.load(Relaxed),
-            revoked: self.revoked.load(Relaxed),
-            queued: self.queued.load(Relaxed),
-            in_flight: self.in_flight.load(Relaxed),
-            tombstones: 0,
-            lanes,
-            max_lane_depth,
-        }
+        self.counters.snapshot(lanes, max_lane_depth)
     }
 
     fn queued(&self) -> usize {
-        self.queued.load(Relaxed)
+        self.counters.queued()
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight.load(Relaxed)
+        self.counters.in_flight()
     }
 
     fn free_capacity(&self) -> usize {
-        self.config.capacity.saturating_sub(self.held.load(Relaxed))
+        self.counters.free(self.config.capacity)
     }
 }
 
@@ -774,19 +749,4 @@ fn distinct_sorted(ids: impl Iterator<Item = i32>) -> Vec<i32> {
         out.extend_from_slice(&other[split..]);
     }
     out
-}
-
-/// Takes up to `want` units of `counter` under `limit`.
-fn reserve(counter: &AtomicUsize, limit: usize, want: usize) -> usize {
-    let mut cur = counter.load(Relaxed);
-    loop {
-        let take = want.min(limit.saturating_sub(cur));
-        if take == 0 {
-            return 0;
-        }
-        match counter.compare_exchange_weak(cur, cur + take, Relaxed, Relaxed) {
-            Ok(_) => return take,
-            Err(now) => cur = now,
-        }
-    }
 }
