@@ -8,6 +8,8 @@ from __future__ import annotations
 from keylane._native import (
     Dispatcher,
     Ticket,
+    VersionItems,
+    VersionTable,
     __version__,
     murmur2,
     partition_for_key,
@@ -20,6 +22,9 @@ from keylane.errors import (
     KeylaneError,
     OffsetOrderError,
     QueueFull,
+    StoreError,
+    StoreFormatError,
+    StoreFull,
     TicketError,
 )
 
@@ -30,8 +35,13 @@ __all__ = [
     "KeylaneError",
     "OffsetOrderError",
     "QueueFull",
+    "StoreError",
+    "StoreFormatError",
+    "StoreFull",
     "Ticket",
     "TicketError",
+    "VersionItems",
+    "VersionTable",
     "__version__",
     "murmur2",
     "partition_for_key",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 
@@ -69,6 +70,63 @@ def _write_batch(batch: list[bytes], partitions: int) -> None:
             for k, p in zip(batch, parts, strict=True)
         )
     )
+
+
+def _show_key(key: bytes) -> str:
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        return "0x" + key.hex()
+    return text if text.isprintable() else repr(key)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@main.command()
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--limit",
+    "-n",
+    type=click.IntRange(min=0),
+    default=10,
+    show_envvar=True,
+    help="How many entries of the version map to print, in key order.",
+)
+def inspect(path: Path, limit: int) -> None:
+    """Print the counts and first entries of the version table at PATH.
+
+    Opens the table read-mostly: nothing is created or changed.
+    """
+    try:
+        table = keylane.VersionTable(path, create=False)
+    except keylane.StoreError as e:
+        raise click.ClickException(str(e)) from None
+    with table:
+        info = table.info()
+        out = sys.stdout
+        out.write(f"keylane version table {info['path']}\n")
+        out.write(
+            f"  format {info['format']} ({info['created_by']}), "
+            f"{_size(info['used_bytes'])} used of a {_size(info['map_size'])} map\n"
+        )
+        out.write(
+            f"  versions: {info['versions']} keys   values: {info['values']} keys   "
+            f"seen ids: {info['seen']}\n"
+        )
+        if limit and info["versions"]:
+            shown = min(limit, info["versions"])
+            out.write(f"first {shown} of {info['versions']} versions (key order):\n")
+            for i, (key, version) in enumerate(table.items()):
+                if i >= limit:
+                    break
+                out.write(f"  {_show_key(key)}\t{version}\n")
 
 
 def run() -> None:

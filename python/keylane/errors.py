@@ -17,6 +17,9 @@ __all__ = [
     "KeylaneError",
     "OffsetOrderError",
     "QueueFull",
+    "StoreError",
+    "StoreFormatError",
+    "StoreFull",
     "TicketError",
 ]
 
@@ -43,3 +46,19 @@ class TicketError(InvalidArgument):
 
 class QueueFull(KeylaneError):
     """The dispatcher holds ``capacity`` messages; complete some before pushing more."""
+
+
+class StoreError(KeylaneError, OSError):
+    """The version table could not be read or written (I/O, LMDB, closed)."""
+
+
+class StoreFull(StoreError):
+    """The version table's map is full; the call was rolled back.
+
+    Reopen the table with a larger ``map_size`` (the message suggests one).
+    """
+
+
+class StoreFormatError(StoreError):
+    """The path is not a keylane version table, or one in a format this
+    version cannot read."""

@@ -114,3 +114,30 @@ class PyKeyDispatcher:
             p: (offsets[0] if offsets else self.last_pushed[p] + 1)
             for p, offsets in self.outstanding.items()
         }
+
+
+class PyLmdbVersions:
+    """``check_and_set_many`` written in Python on the ``lmdb`` package: the
+    version map a team would write before keylane (same encoding: big-endian
+    8-byte versions, one write transaction per batch)."""
+
+    def __init__(self, path: str, *, map_size: int = 1 << 30, durable: bool = True) -> None:
+        import lmdb  # a dev/bench dependency only
+
+        self.env = lmdb.open(path, map_size=map_size, max_dbs=2, sync=durable, metasync=durable)
+        self.db = self.env.open_db(b"versions")
+
+    def check_and_set_many(self, pairs: Iterable[tuple[bytes, int]]) -> list[bool]:
+        out = []
+        with self.env.begin(write=True, db=self.db) as txn:
+            for key, version in pairs:
+                stored = txn.get(key)
+                if stored is None or version > int.from_bytes(stored, "big"):
+                    txn.put(key, version.to_bytes(8, "big"))
+                    out.append(True)
+                else:
+                    out.append(False)
+        return out
+
+    def close(self) -> None:
+        self.env.close()

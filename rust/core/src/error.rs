@@ -28,6 +28,19 @@ pub enum Error {
     /// A ticket was given to a dispatcher that did not hand it out.
     #[error("this ticket was handed out by another dispatcher")]
     ForeignTicket,
+    /// The LMDB map is full; the transaction was rolled back.
+    #[error(
+        "version table is full (map_size = {map_size} bytes); nothing of this call was applied. \
+         Reopen it with a larger map_size, e.g. VersionTable(path, map_size={larger})",
+        larger = map_size.saturating_mul(2)
+    )]
+    StoreFull { map_size: usize },
+    /// The path is not a keylane table (or one this version cannot read).
+    #[error("{0}")]
+    StoreFormat(String),
+    /// Any other storage failure (I/O, LMDB), with what was being done.
+    #[error("{0}")]
+    Store(String),
 }
 
 impl Error {

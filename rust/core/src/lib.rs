@@ -5,6 +5,7 @@
 pub mod dispatch;
 pub mod error;
 pub mod partitioner;
+pub mod versions;
 pub mod watermark;
 
 pub use error::{Error, Result};

@@ -12,6 +12,9 @@ import_exception!(keylane.errors, InvalidType);
 import_exception!(keylane.errors, OffsetOrderError);
 import_exception!(keylane.errors, QueueFull);
 import_exception!(keylane.errors, TicketError);
+import_exception!(keylane.errors, StoreError);
+import_exception!(keylane.errors, StoreFull);
+import_exception!(keylane.errors, StoreFormatError);
 
 /// What a binding function can fail with: a core error, or an exception
 /// already raised on the Python side (a failing iterator, a bad `__index__`).
@@ -48,6 +51,9 @@ impl From<Error> for PyErr {
                     CoreError::OffsetOrder { .. } => OffsetOrderError::new_err(msg),
                     CoreError::QueueFull { .. } => QueueFull::new_err(msg),
                     CoreError::ForeignTicket => TicketError::new_err(msg),
+                    CoreError::StoreFull { .. } => StoreFull::new_err(msg),
+                    CoreError::StoreFormat(_) => StoreFormatError::new_err(msg),
+                    CoreError::Store(_) => StoreError::new_err(msg),
                     CoreError::InBatch { .. } => unreachable!("root() unwraps batch errors"),
                 }
             }
@@ -68,6 +74,11 @@ impl Error {
 /// A ticket used twice or given to the wrong dispatcher.
 pub(crate) fn ticket_error(msg: impl Into<String>) -> Error {
     Error::Py(TicketError::new_err(msg.into()))
+}
+
+/// A storage failure found by the binding (a closed table).
+pub(crate) fn store_error(msg: impl Into<String>) -> Error {
+    Error::Py(StoreError::new_err(msg.into()))
 }
 
 /// A bad value found by the binding's own argument checks.

@@ -6,6 +6,7 @@ mod dispatcher;
 mod errors;
 mod partitioner;
 mod ticket;
+mod version_table;
 
 use pyo3::prelude::*;
 
@@ -14,5 +15,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     partitioner::register(m)?;
     dispatcher::register(m)?;
+    version_table::register(m)?;
     Ok(())
 }

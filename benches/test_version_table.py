@@ -1,0 +1,111 @@
+"""VersionTable.check_and_set_many against the same logic on py-lmdb.
+
+100,000 keys, 1,000 pairs per transaction, three passes: insert (version 1),
+redelivery (version 1 again: all stale), update (version 2); with keys in
+key order (ids that grow, like the ones that reproduce the ~0.6 M ops/s
+py-lmdb baseline quoted in the issue) and in a fixed random order (entity
+keys arriving in no order, which makes LMDB itself the bottleneck: see
+docs/benchmarks.md). Both run with fsync off (durable=False / sync=False) in
+alternating rounds on fresh directories; figures are medians of per-round
+ratios. Durable commits (fsync per commit) are measured separately.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+import time
+from typing import Any
+
+import pytest
+
+from keylane import VersionTable
+from keylane.bench.baselines import PyLmdbVersions
+
+from .conftest import AtLeast, Perf, alternate, median
+
+KEYS = [f"entity-{i:08d}".encode() for i in range(100_000)]
+BATCH = 1_000
+PASSES = (1, 1, 2)
+OPS = len(KEYS) * len(PASSES)
+
+
+def _batches(order: list[int]) -> list[list[tuple[bytes, int]]]:
+    return [
+        [(KEYS[i], version) for i in order[start : start + BATCH]]
+        for version in PASSES
+        for start in range(0, len(order), BATCH)
+    ]
+
+
+ORDERS = {
+    "key-order": list(range(len(KEYS))),
+    # A fixed shuffle: neither implementation gets sorted input.
+    "random-order": sorted(range(len(KEYS)), key=lambda i: (i * 2654435761) % 2**32),
+}
+
+
+def run(table: Any, batches: list[list[tuple[bytes, int]]]) -> int:
+    accepted = 0
+    for batch in batches:
+        accepted += sum(table.check_and_set_many(batch))
+    return accepted
+
+
+def _native(batches: list[list[tuple[bytes, int]]]) -> int:
+    with tempfile.TemporaryDirectory() as d, VersionTable(d, durable=False) as t:
+        return run(t, batches)
+
+
+def _py_lmdb(batches: list[list[tuple[bytes, int]]]) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        t = PyLmdbVersions(d, durable=False)
+        try:
+            return run(t, batches)
+        finally:
+            t.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _targets(perf: Perf) -> None:
+    perf.expect(AtLeast("version-table key-order", "speedup over py-lmdb (median of rounds)", 3.0))
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_check_and_set_many_vs_py_lmdb(perf: Perf, order: str) -> None:
+    batches = _batches(ORDERS[order])
+    expected = 2 * len(KEYS)  # inserts and updates; the redelivery pass is all stale
+    assert _native(batches) == expected
+    assert _py_lmdb(batches) == expected
+    times = alternate(
+        {"native": lambda: _native(batches), "py-lmdb": lambda: _py_lmdb(batches)}, rounds=5
+    )
+    ratios = [p / n for p, n in zip(times["py-lmdb"], times["native"], strict=True)]
+    group = f"version-table {order}"
+    perf.figure(group, "speedup over py-lmdb (median of rounds)", median(ratios))
+    perf.figure(group, "keylane M ops/s (median)", OPS / median(times["native"]) / 1e6)
+    perf.figure(group, "py-lmdb M ops/s (median)", OPS / median(times["py-lmdb"]) / 1e6)
+
+
+def test_durable_commits(perf: Perf, tmp_path: pathlib.Path) -> None:
+    """One check_and_set per commit with fsync: what a handler pays to record
+    a version durably before acknowledging."""
+    n = 300
+    latencies = []
+    with VersionTable(tmp_path / "t", durable=True) as t:
+        for i in range(n):
+            start = time.perf_counter()
+            assert t.check_and_set(KEYS[i], 1)
+            latencies.append(time.perf_counter() - start)
+    latencies.sort()
+    perf.figure("version-table-durable", "commits/s", n / sum(latencies))
+    perf.figure("version-table-durable", "p50 commit latency ms", latencies[n // 2] * 1e3)
+    perf.figure("version-table-durable", "p99 commit latency ms", latencies[int(n * 0.99)] * 1e3)
+    with VersionTable(tmp_path / "batched", durable=True) as t:
+        start = time.perf_counter()
+        for batch in _batches(ORDERS["random-order"])[:50]:
+            t.check_and_set_many(batch)
+        elapsed = time.perf_counter() - start
+    perf.figure(
+        "version-table-durable", "batched (1,000/commit) M ops/s", 50 * BATCH / elapsed / 1e6
+    )

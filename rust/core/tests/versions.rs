@@ -1,0 +1,288 @@
+//! The version table against a model, plus its failure modes.
+
+use std::collections::HashMap;
+
+use keylane_core::Error;
+use keylane_core::versions::{FORMAT, MAX_VERSION, Options, VersionTable};
+
+fn open(dir: &tempfile::TempDir) -> VersionTable {
+    VersionTable::open(dir.path(), Options { map_size: 64 << 20, durable: false, ..Options::default() })
+        .unwrap()
+}
+
+#[test]
+fn check_and_set_keeps_the_highest_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    assert!(t.check_and_set(b"acct", 5).unwrap());
+    assert!(t.check_and_set(b"acct", 6).unwrap());
+    // The [5, 6, 5] redelivery: the replayed 5 is stale.
+    assert!(!t.check_and_set(b"acct", 5).unwrap());
+    assert!(!t.check_and_set(b"acct", 6).unwrap());
+    assert_eq!(t.get(b"acct").unwrap(), Some(6));
+    assert_eq!(t.get(b"other").unwrap(), None);
+    assert!(t.check_and_set(b"zero", 0).unwrap(), "0 is newer than nothing");
+    assert_eq!(t.len().unwrap(), 2);
+}
+
+#[test]
+fn batches_judge_repeats_against_their_own_earlier_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    t.check_and_set(b"b", 10).unwrap();
+    let pairs: Vec<(&[u8], u64)> = vec![(b"b", 3), (b"a", 1), (b"a", 1), (b"a", 4), (b"b", 11), (b"a", 2)];
+    assert_eq!(t.check_and_set_many(&pairs).unwrap(), vec![false, true, false, true, true, false]);
+    assert_eq!(t.get_many(&[b"a", b"b", b"c"]).unwrap(), vec![Some(4), Some(11), None]);
+}
+
+#[test]
+fn random_batches_match_a_hashmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    let mut model: HashMap<Vec<u8>, u64> = HashMap::new();
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for _ in 0..200 {
+        let batch: Vec<(Vec<u8>, u64)> =
+            (0..(next() % 50)).map(|_| (format!("k{}", next() % 40).into_bytes(), next() % 100)).collect();
+        let pairs: Vec<(&[u8], u64)> = batch.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
+        let got = t.check_and_set_many(&pairs).unwrap();
+        for ((k, v), g) in batch.iter().zip(got) {
+            let newer = model.get(k).is_none_or(|old| v > old);
+            if newer {
+                model.insert(k.clone(), *v);
+            }
+            assert_eq!(g, newer);
+        }
+    }
+    let snap = t.snapshot().unwrap();
+    let all = snap.page(None, usize::MAX).unwrap();
+    assert_eq!(all.len(), model.len());
+    for (k, v) in all {
+        assert_eq!(model[&k], v);
+    }
+}
+
+#[test]
+fn last_write_wins_register() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    assert!(t.put_if_newer(b"balance", 2, b"100").unwrap());
+    assert!(!t.put_if_newer(b"balance", 1, b"50").unwrap());
+    assert!(!t.put_if_newer(b"balance", 2, b"other").unwrap());
+    assert!(t.put_if_newer(b"balance", 3, b"").unwrap());
+    assert_eq!(t.get_value(b"balance").unwrap(), Some((3, vec![])));
+    assert_eq!(t.get_value(b"missing").unwrap(), None);
+    // The register's version is independent of check_and_set's.
+    assert_eq!(t.get(b"balance").unwrap(), None);
+}
+
+#[test]
+fn seen_ids_within_their_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    let hour = 3_600_000;
+    assert!(t.mark_seen(b"m1", Some(hour), 1_000).unwrap());
+    assert!(!t.mark_seen(b"m1", Some(hour), 2_000).unwrap());
+    assert!(!t.mark_seen(b"m1", Some(hour), 1_000 + hour - 1).unwrap());
+    assert!(t.mark_seen(b"m1", Some(hour), 1_000 + hour).unwrap(), "window over");
+    assert!(t.mark_seen(b"forever", None, 0).unwrap());
+    assert!(!t.mark_seen(b"forever", None, u64::MAX - 10).unwrap());
+    assert_eq!(
+        t.mark_seen_many(&[b"x", b"y", b"x", b"m1"], Some(10), 5_000).unwrap(),
+        vec![true, true, false, false]
+    );
+}
+
+#[test]
+fn purge_forgets_only_expired_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    for i in 0..10_000u64 {
+        t.mark_seen(format!("id{i}").as_bytes(), Some(1_000 + i), 0).unwrap();
+    }
+    t.mark_seen(b"forever", None, 0).unwrap();
+    // Re-marking after expiry moves the id's expiry: the old index entry
+    // must not purge the new window.
+    assert!(t.mark_seen(b"id0", Some(1_000_000), 5_000).unwrap());
+    assert_eq!(t.purge_expired(5_999).unwrap(), 4_999, "ids 1..=4999 expire at or before 5999");
+    assert!(!t.mark_seen(b"id0", Some(1), 6_000).unwrap(), "id0 was re-marked, still in its window");
+    assert!(!t.mark_seen(b"id9999", Some(1), 6_000).unwrap());
+    assert!(t.mark_seen(b"id1", Some(1), 6_000).unwrap(), "purged, so new again");
+    // Left: id0, ids 5000..=9999, and id1 marked again: 5,002 with expiries.
+    assert_eq!(t.purge_expired(u64::MAX - 2).unwrap(), 5_002);
+    assert!(!t.mark_seen(b"forever", None, u64::MAX - 1).unwrap());
+    assert_eq!(t.info().unwrap().seen, 1);
+}
+
+#[test]
+fn bad_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    assert!(matches!(t.check_and_set(b"", 1), Err(Error::InvalidArgument(_))));
+    assert!(matches!(t.check_and_set(&[b'x'; 512], 1), Err(Error::InvalidArgument(_))));
+    assert!(t.check_and_set(&[b'x'; 511], 1).unwrap());
+    assert!(matches!(t.check_and_set(b"k", MAX_VERSION + 1), Err(Error::InvalidArgument(_))));
+    assert!(t.check_and_set(b"k", MAX_VERSION).unwrap());
+    assert!(matches!(t.mark_seen(&[b'x'; 504], None, 0), Err(Error::InvalidArgument(_))));
+    assert!(matches!(t.mark_seen(b"m", Some(0), 0), Err(Error::InvalidArgument(_))));
+    // A bad entry anywhere in a batch: nothing of it is applied.
+    assert!(t.check_and_set_many(&[(b"fresh", 1), (b"", 2)]).is_err());
+    assert_eq!(t.get(b"fresh").unwrap(), None);
+}
+
+#[test]
+fn a_full_map_rolls_the_batch_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let t =
+        VersionTable::open(dir.path(), Options { map_size: 1 << 20, durable: false, ..Options::default() })
+            .unwrap();
+    let keys: Vec<Vec<u8>> =
+        (0..100_000).map(|i| format!("key-{i:08}-padding-padding").into_bytes()).collect();
+    let mut applied = 0;
+    let err = loop {
+        let chunk: Vec<(&[u8], u64)> =
+            keys[applied..applied + 1000].iter().map(|k| (k.as_slice(), 1)).collect();
+        match t.check_and_set_many(&chunk) {
+            Ok(_) => applied += 1000,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err, Error::StoreFull { map_size: 1 << 20 });
+    assert!(err.to_string().contains("map_size=2097152"), "{err}");
+    // The failed batch left nothing behind, the earlier ones everything.
+    assert_eq!(t.len().unwrap(), applied as u64);
+    assert_eq!(t.get(&keys[applied]).unwrap(), None);
+    drop(t);
+    // Reopened with a larger map, it goes on.
+    let t =
+        VersionTable::open(dir.path(), Options { map_size: 8 << 20, durable: false, ..Options::default() })
+            .unwrap();
+    let chunk: Vec<(&[u8], u64)> = keys[applied..applied + 1000].iter().map(|k| (k.as_slice(), 1)).collect();
+    assert!(t.check_and_set_many(&chunk).unwrap().iter().all(|&b| b));
+}
+
+#[test]
+fn reopening_keeps_everything_and_checks_the_format() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let t = VersionTable::open(dir.path(), Options::default()).unwrap();
+        t.check_and_set(b"k", 7).unwrap();
+        t.put_if_newer(b"k", 1, b"v").unwrap();
+    }
+    let t = VersionTable::open(dir.path(), Options::default()).unwrap();
+    assert_eq!(t.get(b"k").unwrap(), Some(7));
+    let info = t.info().unwrap();
+    assert_eq!((info.format, info.versions, info.values, info.durable), (FORMAT, 1, 1, true));
+    assert!(info.created_by.starts_with("keylane "));
+}
+
+#[test]
+fn refuses_what_is_not_a_keylane_table() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file, not a directory.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"hello").unwrap();
+    let err = VersionTable::open(&file, Options::default()).unwrap_err();
+    assert!(matches!(err, Error::StoreFormat(ref m) if m.contains("is a file")), "{err}");
+    // A directory whose data.mdb is not LMDB.
+    let junk = dir.path().join("junk");
+    std::fs::create_dir(&junk).unwrap();
+    std::fs::write(junk.join("data.mdb"), vec![0x42u8; 64 * 1024]).unwrap();
+    let err = VersionTable::open(&junk, Options::default()).unwrap_err();
+    assert!(matches!(err, Error::StoreFormat(ref m) if m.contains("not an LMDB")), "{err}");
+    // An LMDB environment with someone else's data in it.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    {
+        #[allow(unsafe_code)]
+        let env = unsafe { heed::EnvOpenOptions::new().max_dbs(4).open(&other) }.unwrap();
+        let mut w = env.write_txn().unwrap();
+        let db: heed::Database<heed::types::Str, heed::types::Str> =
+            env.create_database(&mut w, Some("theirs")).unwrap();
+        db.put(&mut w, "a", "b").unwrap();
+        w.commit().unwrap();
+        env.prepare_for_closing().wait();
+    }
+    let err = VersionTable::open(&other, Options::default()).unwrap_err();
+    assert!(matches!(err, Error::StoreFormat(ref m) if m.contains("not a keylane table")), "{err}");
+    // Inspection never creates a table.
+    let empty = dir.path().join("empty");
+    let err = VersionTable::open(&empty, Options { create: false, ..Options::default() }).unwrap_err();
+    assert!(matches!(err, Error::StoreFormat(ref m) if m.contains("no keylane version table")), "{err}");
+    assert!(!empty.exists());
+}
+
+#[test]
+fn snapshots_do_not_see_later_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = open(&dir);
+    for i in 0..2500u64 {
+        t.check_and_set(format!("k{i:05}").as_bytes(), 1).unwrap();
+    }
+    let snap = t.snapshot().unwrap();
+    t.check_and_set(b"k00000", 2).unwrap();
+    t.check_and_set(b"zzz", 1).unwrap();
+    let mut seen = 0;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = snap.page(after.as_deref(), 1000).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        for (k, v) in &page {
+            assert_eq!(*v, 1, "{k:?}");
+        }
+        seen += page.len();
+        after = Some(page.last().unwrap().0.clone());
+    }
+    assert_eq!(seen, 2500);
+}
+
+#[test]
+fn known_versions_stay_lower_bounds_across_writers() {
+    // Two handles on one table (as two processes would have): what one
+    // remembers must never make it answer wrongly after the other writes.
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir);
+    let b =
+        VersionTable::open(dir.path(), Options { map_size: 64 << 20, durable: false, ..Options::default() })
+            .unwrap();
+    assert!(a.check_and_set(b"k", 5).unwrap());
+    assert!(!a.check_and_set(b"k", 5).unwrap(), "settled from memory");
+    assert!(b.check_and_set(b"k", 9).unwrap());
+    assert!(!a.check_and_set(b"k", 7).unwrap(), "a remembers 5, but LMDB says 9");
+    assert!(!a.check_and_set(b"k", 8).unwrap(), "and now a remembers 9");
+    assert!(a.check_and_set(b"k", 10).unwrap());
+    // A batch of only stale versions needs no transaction, and still answers.
+    assert_eq!(a.check_and_set_many(&[(b"k", 1), (b"k", 10)]).unwrap(), vec![false, false]);
+}
+
+#[test]
+fn known_versions_are_bounded_and_optional() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = VersionTable::open(
+        dir.path(),
+        Options { map_size: 64 << 20, durable: false, cache_keys: 100, ..Options::default() },
+    )
+    .unwrap();
+    for i in 0..1000u64 {
+        assert!(t.check_and_set(format!("k{i}").as_bytes(), 1).unwrap());
+    }
+    for i in 0..1000u64 {
+        assert!(!t.check_and_set(format!("k{i}").as_bytes(), 1).unwrap());
+    }
+    let dir2 = tempfile::tempdir().unwrap();
+    let off = VersionTable::open(
+        dir2.path(),
+        Options { map_size: 64 << 20, durable: false, cache_keys: 0, ..Options::default() },
+    )
+    .unwrap();
+    assert!(off.check_and_set(b"k", 1).unwrap());
+    assert!(!off.check_and_set(b"k", 1).unwrap());
+}
