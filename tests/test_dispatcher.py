@@ -113,6 +113,23 @@ def test_revoke_drops_queued_and_stales_in_flight() -> None:
     assert (s["pushed"], s["completed"], s["stale"], s["revoked"]) == (4, 1, 1, 1)
 
 
+def test_drop_queued_then_revoke_drains_a_partition() -> None:
+    d = Dispatcher("key")
+    for key, o in [(b"a", 0), (b"b", 1), (b"a", 2)]:
+        d.push(key, 0, o, o)
+    running = d.pop_ready(10)
+    assert d.in_flight_of([0]) == 2
+    assert d.drop_queued([0]) == 1  # a@2 will not be handed out
+    assert d.pop_ready(10) == []
+    d.complete_many(running)
+    assert d.in_flight_of([0, 5]) == 0
+    assert d.committable() == {0: 2}, "stops below the dropped message"
+    assert d.revoke([0]) == 0
+    assert d.committable() == {}
+    with pytest.raises(keylane.InvalidArgument, match="partition"):
+        d.in_flight_of([-1])
+
+
 def test_capacity_and_queue_full() -> None:
     d = Dispatcher("key", capacity=3)
     assert d.push_many((b"k", 0, o, o) for o in range(5)) == 3

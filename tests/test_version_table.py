@@ -69,7 +69,9 @@ def test_last_write_wins_register(table: VersionTable) -> None:
 def test_seen_window_with_injected_clock(tmp_path: pathlib.Path) -> None:
     clock = FakeClock()
     with VersionTable(tmp_path / "t", durable=False, clock=clock) as t:
+        assert not t.is_seen(b"m1")
         assert t.mark_seen(b"m1", ttl_s=3600)
+        assert t.is_seen(b"m1")
         assert not t.mark_seen(b"m1", ttl_s=3600)
         clock.now += 3599
         assert not t.mark_seen(b"m1", ttl_s=3600)

@@ -16,10 +16,17 @@ from keylane._native import (
     partitions_for_keys,
     repartition_moves,
 )
+from keylane.app import App
+from keylane.brokers import Faults, MemoryBroker, TopicPartition
 from keylane.errors import (
+    BrokerError,
+    ConfigError,
+    CorruptLogError,
     InvalidArgument,
     InvalidType,
     KeylaneError,
+    KeylaneTimeout,
+    NotAssigned,
     OffsetOrderError,
     QueueFull,
     StoreError,
@@ -27,19 +34,34 @@ from keylane.errors import (
     StoreFull,
     TicketError,
 )
+from keylane.message import Message
+from keylane.metrics import Prometheus
+from keylane.retry import RetryPolicy
 
 __all__ = [
+    "App",
+    "BrokerError",
+    "ConfigError",
+    "CorruptLogError",
     "Dispatcher",
+    "Faults",
     "InvalidArgument",
     "InvalidType",
     "KeylaneError",
+    "KeylaneTimeout",
+    "MemoryBroker",
+    "Message",
+    "NotAssigned",
     "OffsetOrderError",
+    "Prometheus",
     "QueueFull",
+    "RetryPolicy",
     "StoreError",
     "StoreFormatError",
     "StoreFull",
     "Ticket",
     "TicketError",
+    "TopicPartition",
     "VersionItems",
     "VersionTable",
     "__version__",

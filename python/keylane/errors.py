@@ -12,9 +12,14 @@ there is exactly one hierarchy.
 from __future__ import annotations
 
 __all__ = [
+    "BrokerError",
+    "ConfigError",
+    "CorruptLogError",
     "InvalidArgument",
     "InvalidType",
     "KeylaneError",
+    "KeylaneTimeout",
+    "NotAssigned",
     "OffsetOrderError",
     "QueueFull",
     "StoreError",
@@ -62,3 +67,27 @@ class StoreFull(StoreError):
 class StoreFormatError(StoreError):
     """The path is not a keylane version table, or one in a format this
     version cannot read."""
+
+
+class ConfigError(InvalidArgument):
+    """An option of an App, a policy or a broker is invalid (the message says
+    which and what is allowed)."""
+
+
+class KeylaneTimeout(KeylaneError, TimeoutError):
+    """An operation with a deadline did not finish in time."""
+
+
+class BrokerError(KeylaneError, ConnectionError):
+    """A broker could not do what was asked (produce, fetch, commit)."""
+
+
+class NotAssigned(BrokerError):
+    """A commit or release named partitions this consumer does not own (any
+    more): after a rebalance, another member owns them."""
+
+
+class CorruptLogError(StoreError):
+    """A persisted MemoryBroker log is damaged or truncated. Nothing was
+    dropped: open it with ``recover="truncate"`` to cut it at the last whole
+    record, or move the file away."""

@@ -485,6 +485,14 @@ impl VersionTable {
         })
     }
 
+    /// True if `id` was marked and its window has not passed at `now_ms`.
+    /// Reads only: it does not mark.
+    pub fn is_seen(&self, id: &[u8], now_ms: u64) -> Result<bool> {
+        check_key("message id", id, MAX_ID)?;
+        let seen = self.shared.dbs.seen;
+        self.read("is_seen", |txn| Ok(seen.get(txn, id)?.is_some_and(|until| until > now_ms)))
+    }
+
     /// Forgets ids whose window has passed at `now_ms`; returns how many.
     pub fn purge_expired(&self, now_ms: u64) -> Result<u64> {
         let Dbs { seen, expiry, .. } = self.shared.dbs;

@@ -531,3 +531,46 @@ fn stress<L: Dispatch<Item> + 'static>(ordering: Ordering, revokes: bool) {
         assert!(revoked_any.load(A::Relaxed));
     }
 }
+
+#[test]
+fn drop_queued_keeps_the_watermark_and_in_flight_is_counted() {
+    let d: Dispatcher<Item> = make(Ordering::Key, 100, 100);
+    for (k, o) in [("a", 0), ("b", 1), ("a", 2), ("c", 3)] {
+        push(&d, Some(k), 0, o);
+    }
+    push(&d, Some("x"), 1, 0);
+    let ts = pop(&d, 10); // a@0, b@1, c@3 on partition 0; x@0 on 1
+    assert_eq!(ts.len(), 4);
+    assert_eq!((d.in_flight_of(&[0]), d.in_flight_of(&[1]), d.in_flight_of(&[0, 1, 7])), (3, 1, 4));
+    // a@2 is queued: dropping it leaves offset 2 outstanding.
+    let dropped = d.drop_queued(&[0]);
+    assert_eq!(dropped.count, 1);
+    assert_eq!(d.queued(), 0);
+    let mut ts: Vec<_> = ts.into_iter().filter(|t| t.item.1 == 0).collect();
+    ts.sort_by_key(|t| t.item.2);
+    complete_all(&d, ts); // the in-flight ones finish and count
+    assert_eq!(d.in_flight_of(&[0]), 0);
+    assert_eq!(d.committable(), vec![(0, 2), (1, 0)], "stops below the dropped offset 2");
+    // Then the revoke forgets it, and nothing of partition 0 is handed out.
+    assert_eq!(d.revoke(&[0]).count, 0);
+    assert!(pop(&d, 10).is_empty());
+    assert_eq!(d.committable(), vec![(1, 0)]);
+    assert_eq!(d.stats().revoked, 1);
+}
+
+#[test]
+fn retries_and_stale_completions_leave_in_flight() {
+    let d: Dispatcher<Item> = make(Ordering::Key, 100, 100);
+    push(&d, Some("a"), 0, 0);
+    push(&d, Some("b"), 0, 1);
+    let mut ts = pop(&d, 10);
+    ts.sort_by_key(|t| t.item.2);
+    let mut it = ts.into_iter();
+    let (a, b) = (it.next().unwrap(), it.next().unwrap());
+    assert_eq!(d.in_flight_of(&[0]), 2);
+    d.retry(a.receipt, a.item).unwrap();
+    assert_eq!(d.in_flight_of(&[0]), 1);
+    d.revoke(&[0]);
+    assert!(!d.complete(b.receipt).unwrap(), "stale");
+    assert_eq!(d.in_flight_of(&[0]), 0);
+}

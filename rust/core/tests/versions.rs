@@ -87,7 +87,10 @@ fn seen_ids_within_their_window() {
     let dir = tempfile::tempdir().unwrap();
     let t = open(&dir);
     let hour = 3_600_000;
+    assert!(!t.is_seen(b"m1", 1_000).unwrap());
     assert!(t.mark_seen(b"m1", Some(hour), 1_000).unwrap());
+    assert!(t.is_seen(b"m1", 1_000 + hour - 1).unwrap());
+    assert!(!t.is_seen(b"m1", 1_000 + hour).unwrap(), "window over");
     assert!(!t.mark_seen(b"m1", Some(hour), 2_000).unwrap());
     assert!(!t.mark_seen(b"m1", Some(hour), 1_000 + hour - 1).unwrap());
     assert!(t.mark_seen(b"m1", Some(hour), 1_000 + hour).unwrap(), "window over");

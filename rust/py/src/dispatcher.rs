@@ -283,13 +283,27 @@ impl Dispatcher {
     /// Forgets `partitions`: drops their queued messages (returns how many),
     /// makes their in-flight tickets stale, forgets their watermarks.
     fn revoke(&self, py: Python<'_>, partitions: &Bound<'_, PyAny>) -> Result<usize> {
-        let mut ids = Vec::new();
-        for p in partitions.try_iter()? {
-            ids.push(bounded(&p?, "partition", 0, i64::from(i32::MAX))? as i32);
-        }
+        let ids = partition_ids(partitions)?;
         let revoked = py.detach(|| self.core.revoke(&ids));
         drop(revoked.discarded);
         Ok(revoked.count)
+    }
+
+    /// Drops the queued messages of `partitions` (returns how many) but
+    /// keeps their watermarks: in-flight messages may still complete, and
+    /// `committable` stops below the first dropped one. For draining a
+    /// partition before giving it up: then `revoke` it.
+    fn drop_queued(&self, py: Python<'_>, partitions: &Bound<'_, PyAny>) -> Result<usize> {
+        let ids = partition_ids(partitions)?;
+        let dropped = py.detach(|| self.core.drop_queued(&ids));
+        drop(dropped.discarded);
+        Ok(dropped.count)
+    }
+
+    /// Tickets of `partitions` handed out and not yet completed or retried.
+    fn in_flight_of(&self, partitions: &Bound<'_, PyAny>) -> Result<usize> {
+        let ids = partition_ids(partitions)?;
+        Ok(self.core.in_flight_of(&ids))
     }
 
     /// Counters and gauges: pushed, completed, retried, stale, revoked,
@@ -308,6 +322,10 @@ impl Dispatcher {
         out.set_item("max_lane_depth", s.max_lane_depth)?;
         Ok(out)
     }
+}
+
+fn partition_ids(partitions: &Bound<'_, PyAny>) -> Result<Vec<i32>> {
+    partitions.try_iter()?.map(|p| Ok(bounded(&p?, "partition", 0, i64::from(i32::MAX))? as i32)).collect()
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

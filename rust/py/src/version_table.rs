@@ -316,6 +316,15 @@ impl VersionTable {
         Ok(PyList::new(py, out)?)
     }
 
+    /// True if `message_id` was marked and its window has not passed.
+    /// Only reads: unlike `mark_seen`, it records nothing.
+    fn is_seen(&self, py: Python<'_>, message_id: &Bound<'_, PyAny>) -> Result<bool> {
+        let table = self.open()?;
+        let id = key_bytes(message_id)?;
+        let now = self.now_ms(py)?;
+        Ok(py.detach(|| table.is_seen(&id, now))?)
+    }
+
     /// Forgets ids whose window has passed; returns how many.
     fn purge_expired(&self, py: Python<'_>) -> Result<u64> {
         let table = self.open()?;

@@ -20,7 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize};
 
 use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
@@ -156,7 +156,15 @@ struct PartitionState {
     epoch: u32,
 }
 
-type Partition = Mutex<PartitionState>;
+#[derive(Debug)]
+struct Partition {
+    state: Mutex<PartitionState>,
+    /// Tickets of this partition handed out and not yet completed or
+    /// retried, any epoch. Relaxed atomics outside the lock, added once per
+    /// pop call; a completion can overtake the add of its own pop, so it is
+    /// signed and read as `max(0, n)`.
+    in_flight: AtomicI64,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
@@ -369,6 +377,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             self.counters.in_flight.fetch_sub(want - got, Relaxed);
         }
         self.counters.queued.fetch_sub(got, Relaxed);
+        self.count_in_flight(&tickets);
         Popped { tickets, discarded: Vec::new() }
     }
 
@@ -382,8 +391,10 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         let parts = self.partitions_of(receipts.iter().map(|r| r.partition));
         let mut locked = lock_all(&parts);
         let mut live = 0;
+        let mut finished = vec![0i64; parts.len()];
         for r in &receipts {
             let j = locked.slot(r.partition);
+            finished[j] += 1;
             let state = &mut locked.guards[j];
             if state.epoch == r.epoch {
                 let done = state.window.complete(r.offset);
@@ -392,6 +403,9 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             }
         }
         drop(locked);
+        for ((_, part), n) in parts.iter().zip(finished) {
+            part.in_flight.fetch_sub(n, Relaxed);
+        }
         self.release_all(receipts.iter().map(|r| r.slot));
         let n = receipts.len();
         self.counters.completed.fetch_add(live as u64, Relaxed);
@@ -404,7 +418,8 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
     fn retry(&self, receipt: Receipt, item: T) -> Result<Retried<T>> {
         self.check_owner(&receipt)?;
         let part = self.partition(receipt.partition);
-        let state = part.lock();
+        let state = part.state.lock();
+        part.in_flight.fetch_sub(1, Relaxed);
         self.counters.in_flight.fetch_sub(1, Relaxed);
         if state.epoch != receipt.epoch {
             drop(state);
@@ -447,13 +462,76 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         let mut out: Vec<(i32, i64)> = self
             .partitions
             .iter(&guard)
-            .filter_map(|(&id, p)| p.lock().window.committable().map(|w| (id, w)))
+            .filter_map(|(&id, p)| p.state.lock().window.committable().map(|w| (id, w)))
             .collect();
         out.sort_unstable();
         out
     }
 
     fn revoke(&self, partitions: &[i32]) -> Revoked<T> {
+        self.remove_queued(partitions, true)
+    }
+
+    fn stats(&self) -> Stats {
+        let (mut lanes, mut max_lane_depth) = (0, 0);
+        for shard in self.shards.iter() {
+            let st = shard.state.lock();
+            lanes += st.lanes.len();
+            max_lane_depth = st.lanes.values().map(|l| l.queue.len()).fold(max_lane_depth, usize::max);
+        }
+        self.counters.snapshot(lanes, max_lane_depth)
+    }
+
+    fn queued(&self) -> usize {
+        self.counters.queued()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.counters.in_flight()
+    }
+
+    fn free_capacity(&self) -> usize {
+        self.counters.free(self.config.capacity)
+    }
+}
+
+impl<T: Send> Dispatcher<T> {
+    /// Drops the queued messages of `partitions` without forgetting their
+    /// watermarks: a dropped message stays outstanding, so `committable`
+    /// stops below it, while in-flight messages go on and may complete.
+    /// With `in_flight_of`, this lets a rebalance wait for running handlers
+    /// only, commit exactly what is done, and then `revoke`.
+    pub fn drop_queued(&self, partitions: &[i32]) -> Revoked<T> {
+        self.remove_queued(partitions, false)
+    }
+
+    /// Messages of `partitions` handed out and not yet completed or retried.
+    pub fn in_flight_of(&self, partitions: &[i32]) -> usize {
+        let guard = Guard::new();
+        partitions
+            .iter()
+            .filter_map(|id| self.partitions.peek(id, &guard))
+            .map(|p| p.in_flight.load(Relaxed).max(0) as usize)
+            .sum()
+    }
+
+    fn count_in_flight(&self, tickets: &[Ticket<T, Receipt>]) {
+        // A pop spans few partitions: tally, then one atomic add each.
+        let mut tally: Vec<(i32, i64)> = Vec::new();
+        for t in tickets {
+            match tally.iter_mut().find(|(p, _)| *p == t.receipt.partition) {
+                Some((_, n)) => *n += 1,
+                None => tally.push((t.receipt.partition, 1)),
+            }
+        }
+        for (p, n) in tally {
+            self.partition(p).in_flight.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Removes the queued messages of `partitions`; with `forget`, also
+    /// bumps their epochs and resets their windows (a revoke).
+    fn remove_queued(&self, partitions: &[i32], forget: bool) -> Revoked<T> {
         let guard = Guard::new();
         let mut ids: Vec<i32> =
             partitions.iter().copied().filter(|id| self.partitions.peek(id, &guard).is_some()).collect();
@@ -464,9 +542,11 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         }
         let parts = self.partitions_of(ids.iter().copied());
         let mut locked = lock_all(&parts);
-        for state in &mut locked.guards {
-            state.epoch = state.epoch.wrapping_add(1);
-            state.window = OffsetWindow::new();
+        if forget {
+            for state in &mut locked.guards {
+                state.epoch = state.epoch.wrapping_add(1);
+                state.window = OffsetWindow::new();
+            }
         }
         let gone = |e: &Entry<T>| ids.binary_search(&e.partition).is_ok();
         let mut discarded = Vec::new();
@@ -498,30 +578,6 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         Revoked { count, discarded }
     }
 
-    fn stats(&self) -> Stats {
-        let (mut lanes, mut max_lane_depth) = (0, 0);
-        for shard in self.shards.iter() {
-            let st = shard.state.lock();
-            lanes += st.lanes.len();
-            max_lane_depth = st.lanes.values().map(|l| l.queue.len()).fold(max_lane_depth, usize::max);
-        }
-        self.counters.snapshot(lanes, max_lane_depth)
-    }
-
-    fn queued(&self) -> usize {
-        self.counters.queued()
-    }
-
-    fn in_flight(&self) -> usize {
-        self.counters.in_flight()
-    }
-
-    fn free_capacity(&self) -> usize {
-        self.counters.free(self.config.capacity)
-    }
-}
-
-impl<T: Send> Dispatcher<T> {
     /// True if `r` was handed out by this dispatcher.
     pub fn owns(&self, r: &Receipt) -> bool {
         r.owner == self.id
@@ -540,7 +596,10 @@ impl<T: Send> Dispatcher<T> {
             if let Some(p) = self.partitions.peek(&id, &guard) {
                 return Arc::clone(p);
             }
-            let fresh = Arc::new(Mutex::new(PartitionState { window: OffsetWindow::new(), epoch: 0 }));
+            let fresh = Arc::new(Partition {
+                state: Mutex::new(PartitionState { window: OffsetWindow::new(), epoch: 0 }),
+                in_flight: AtomicI64::new(0),
+            });
             if self.partitions.insert_sync(id, Arc::clone(&fresh)).is_ok() {
                 return fresh;
             }
@@ -716,7 +775,7 @@ fn lock_all(parts: &[(i32, Arc<Partition>)]) -> Locked<'_> {
         }
     }
     // `parts` is sorted by id: every caller locks in the same order.
-    Locked { ids, table, guards: parts.iter().map(|(_, p)| p.lock()).collect() }
+    Locked { ids, table, guards: parts.iter().map(|(_, p)| p.state.lock()).collect() }
 }
 
 /// The distinct values of `ids`, sorted. Partition numbers are small in

@@ -1,0 +1,179 @@
+"""The stale-version and duplicate-id checks an App runs around handlers.
+
+Before a handler runs: a message whose version is not newer than the one
+applied for its key is *stale*, one whose id was seen within the window is a
+*duplicate*; both are acknowledged without calling the handler. After the
+handler succeeds, its version and id are recorded, first in memory, then in
+the VersionTable by ``flush`` (one transaction per batch, in a worker
+thread), which the runtime calls before every offset commit. Until flushed,
+the in-memory records answer the checks, so a duplicate arriving right
+after its original is caught too.
+
+At-least-once window: if the process dies after a handler returned and
+before the next flush, that message's effect is applied, its version is not
+recorded, and its offset is not committed: it is redelivered and handled
+again. The window is at most one commit interval of messages. With
+``record_versions="each"`` the version is written right after each handler
+returns (in a worker thread, shielded from cancellation), which shrinks the
+window to the moment between the handler's return and that write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from keylane._native import VersionTable
+from keylane.message import Message
+
+MAX_VERSION = 2**63 - 1
+
+
+class PoisonMessage(Exception):
+    """``version_of``/``id_of`` failed on a message: retrying cannot help."""
+
+
+def version_header(message: Message) -> int | None:
+    """The default ``version_of``: the ``version`` header as a decimal int,
+    or None when the message has no such header."""
+    raw = message.headers.get("version")
+    if raw is None:
+        return None
+    try:
+        version = int(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"version header {raw!r} is not a decimal integer") from None
+    return version
+
+
+def id_header(message: Message) -> bytes | None:
+    """The default ``id_of``: the ``id`` header, or None."""
+    return message.headers.get("id")
+
+
+class Guard:
+    def __init__(
+        self,
+        table: VersionTable,
+        version_of: Callable[[Message], int | None] | None,
+        id_of: Callable[[Message], bytes | str | None] | None,
+        dedupe_ttl: float | None,
+    ) -> None:
+        self.table = table
+        self.version_of = version_of
+        self.id_of = id_of
+        self.dedupe_ttl = dedupe_ttl
+        self.versions: dict[bytes, int] = {}
+        self.flushing_versions: dict[bytes, int] = {}
+        self.seen: dict[bytes, None] = {}
+        self.flushing_seen: dict[bytes, None] = {}
+        self._limiter = trio.CapacityLimiter(1)
+
+    def _version(self, message: Message) -> int | None:
+        if self.version_of is None or message.key is None:
+            return None
+        try:
+            version = self.version_of(message)
+        except Exception as e:
+            raise PoisonMessage(f"version_of failed: {e!r}") from e
+        if version is None:
+            return None
+        if (
+            isinstance(version, bool)
+            or not isinstance(version, int)
+            or not 0 <= version <= MAX_VERSION
+        ):
+            raise PoisonMessage(
+                f"version_of returned {version!r}; versions are ints from 0 to 2**63-1"
+            )
+        return version
+
+    def _id(self, message: Message) -> bytes | None:
+        if self.id_of is None:
+            return None
+        try:
+            mid = self.id_of(message)
+        except Exception as e:
+            raise PoisonMessage(f"id_of failed: {e!r}") from e
+        if mid is None:
+            return None
+        if isinstance(mid, str):
+            return mid.encode("utf-8")
+        if isinstance(mid, bytes) and mid:
+            return mid
+        raise PoisonMessage(f"id_of returned {mid!r}; ids are non-empty bytes or str (or None)")
+
+    def before(self, message: Message) -> str | None:
+        """``"stale"``, ``"duplicate"``, or None (handle it)."""
+        mid = self._id(message)
+        if mid is not None and (
+            mid in self.seen or mid in self.flushing_seen or self.table.is_seen(mid)
+        ):
+            return "duplicate"
+        version = self._version(message)
+        if version is not None:
+            key = message.key
+            assert key is not None
+            known = self.versions.get(key)
+            if known is None:
+                known = self.flushing_versions.get(key)
+            if known is None:
+                known = self.table.get(key)
+            if known is not None and version <= known:
+                return "stale"
+        return None
+
+    def after(self, message: Message) -> None:
+        """Records what a successful handler applied (call after ``before``
+        returned None for the same message, so the calls cannot fail)."""
+        version = self._version(message)
+        if version is not None:
+            key = message.key
+            assert key is not None
+            if version > self.versions.get(key, -1):
+                self.versions[key] = version
+        mid = self._id(message)
+        if mid is not None:
+            self.seen[mid] = None
+
+    async def record(self, message: Message) -> None:
+        """Writes one message's version and id now (``record_versions="each"``)."""
+        version = self._version(message)
+        mid = self._id(message)
+        key = message.key
+
+        def write() -> None:
+            if version is not None and key is not None:
+                self.table.check_and_set(key, version)
+            if mid is not None:
+                self.table.mark_seen(mid, ttl_s=self.dedupe_ttl)
+
+        await trio.to_thread.run_sync(write, limiter=self._limiter)
+
+    async def flush(self) -> None:
+        """Writes the recorded versions and ids in one trip to a worker
+        thread (the table releases the GIL). Raises what the table raises
+        (``StoreFull``...): the runtime must not commit offsets past
+        messages whose versions were not recorded."""
+        if not self.versions and not self.seen:
+            return
+        self.flushing_versions, self.versions = self.versions, {}
+        self.flushing_seen, self.seen = self.seen, {}
+        try:
+            await trio.to_thread.run_sync(self._write, limiter=self._limiter)
+        except BaseException:
+            # Not written: keep answering from memory and try again later.
+            for key, version in self.flushing_versions.items():
+                if version > self.versions.get(key, -1):
+                    self.versions[key] = version
+            self.seen.update(self.flushing_seen)
+            raise
+        finally:
+            self.flushing_versions, self.flushing_seen = {}, {}
+
+    def _write(self) -> None:
+        if self.flushing_versions:
+            self.table.check_and_set_many(self.flushing_versions.items())
+        if self.flushing_seen:
+            self.table.mark_seen_many(self.flushing_seen, ttl_s=self.dedupe_ttl)

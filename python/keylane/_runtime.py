@@ -1,0 +1,618 @@
+"""One run of an App: the tasks that feed, work, commit and shut down.
+
+Shape of a run (all tasks in one Trio nursery tree):
+
+- the **feeder** (the run's own task) joins the group, fetches batches and
+  pushes them into the native ``Dispatcher``, waiting when it is full; it
+  also handles rebalances (drain, commit, release);
+- ``concurrency`` **workers** take ready tickets in batches, run the
+  handler, and hand completions back in batches;
+- the **committer** commits ``committable()`` every ``commit_interval``
+  (after flushing recorded versions);
+- **side tasks** wait out retry backoffs and write dead letters, so a
+  failing message never holds a worker.
+
+Nothing here is per-message Trio machinery: workers park only when nothing
+is ready, and a handler that never suspends runs a whole batch back to back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from keylane._guard import Guard, PoisonMessage
+from keylane._native import Dispatcher, Ticket
+from keylane.brokers.base import Consumer, Fetch, TopicPartition
+from keylane.dlq import DeadLetter
+from keylane.errors import NotAssigned
+from keylane.message import Message
+from keylane.metrics import SAMPLE_EVERY, Metrics
+
+if TYPE_CHECKING:
+    from keylane.app import App
+
+log = logging.getLogger("keylane")
+
+# Completions are handed back to the dispatcher (releasing their keys) in
+# batches of at most this many, and whenever a worker runs dry.
+_FLUSH_EVERY = 64
+# How long a fetch may wait for records before the feeder looks around.
+_FETCH_WAIT = 0.5
+# The final commit of a forced stop or a cancelled run gets this long.
+_LAST_COMMIT_TIMEOUT = 2.0
+_SAMPLE_MASK = SAMPLE_EVERY - 1
+
+
+class Run:
+    def __init__(self, app: App, *, until_idle: bool) -> None:
+        self.app = app
+        self.until_idle = until_idle
+        self.metrics: Metrics = app._metrics
+        self.batch = max(16, min(1024, 4 * app.concurrency))
+        self.d = Dispatcher(
+            app.ordering,
+            capacity=app.capacity,
+            max_in_flight=app.concurrency + self.batch,
+        )
+        self.consumer: Consumer = app.broker.consumer(app.group, app.topics)
+        self.guard: Guard | None = None
+        # Partition ids: the dispatcher numbers partitions densely; several
+        # topics share one numbering.
+        self.tp_ids: dict[TopicPartition, int] = {}
+        self.tps: list[TopicPartition] = []
+        self.owned: set[TopicPartition] = set()
+        self.last_pushed: dict[int, int] = {}
+        self.committed: dict[int, int] = {}
+        self.ends: dict[TopicPartition, int] = {}
+        self.enqueued_at: dict[tuple[int, int], float] = {}
+        # Worker state.
+        self.ready: deque[Ticket] = deque()
+        # Partitions being revoked, and retry backoffs in progress.
+        self.draining: set[int] = set()
+        self.retrying: dict[Ticket, trio.CancelScope] = {}
+        self.done: list[Ticket] = []
+        self.running = 0
+        self.closing = False
+        self.rng = random.Random()
+        self.work = trio.lowlevel.ParkingLot()
+        self.space = trio.lowlevel.ParkingLot()
+        self.progress = trio.lowlevel.ParkingLot()
+        self.commit_lock = trio.Lock()
+        # Control.
+        self.side: trio.Nursery | None = None
+        self.feed_scope = trio.CancelScope()
+        self.work_scope = trio.CancelScope()
+        self.stopping = False
+        self.finished = False
+        self.forced = False
+        self.aborted = False
+
+    # ---- control (called from App) ---------------------------------------------------------
+
+    def stop(self) -> None:
+        """Graceful: stop fetching, let running handlers finish (up to
+        ``shutdown_timeout``), commit, leave."""
+        if self.stopping:
+            return
+        log.info(
+            "group %s: stopping (graceful, up to %.1fs)", self.app.group, self.app.shutdown_timeout
+        )
+        self.stopping = True
+        self.feed_scope.cancel()
+        self.space.unpark_all()
+
+    def force(self) -> None:
+        """Now: cancel running handlers, commit what is done, leave."""
+        log.warning("group %s: forced stop; cancelling running handlers", self.app.group)
+        self.forced = True
+        self.stop()
+        self.work_scope.cancel()
+
+    def abort(self) -> None:
+        """As if the process died: no final commit, and the member does not
+        leave the group (its partitions move after the session timeout)."""
+        self.aborted = True
+        self.stopping = True
+        self.feed_scope.cancel()
+        self.work_scope.cancel()
+
+    # ---- the run -------------------------------------------------------------------------
+
+    async def main(self, task_status: trio.TaskStatus[None], *, handle_signals: bool) -> None:
+        app = self.app
+        if app._versions_table is not None:
+            self.guard = Guard(app._versions_table, app._version_of, app._id_of, app._dedupe_ttl)
+        detach = (
+            app._metrics_sink.attach(self.metrics, app.group)
+            if app._metrics_sink is not None
+            else None
+        )
+        self.metrics.gauges = self.gauges
+        try:
+            async with trio.open_nursery() as top:
+                self.side = top
+                if handle_signals and threading.current_thread() is threading.main_thread():
+                    await top.start(self._signals)
+                await top.start(self._join)
+                # The committer has a nursery of its own, left (and so fully
+                # stopped, even mid-flush in a thread) before the final commit.
+                async with trio.open_nursery() as background:
+                    background.start_soon(self._committer)
+                    with self.work_scope:
+                        async with trio.open_nursery() as workers:
+                            for _ in range(app.concurrency):
+                                workers.start_soon(self._worker)
+                            task_status.started()
+                            with self.feed_scope:
+                                await self._feed()
+                            # Fetching is over: running handlers may finish,
+                            # nothing new starts.
+                            self.closing = True
+                            self.work.unpark_all()
+                            if not self.until_idle:
+                                self.work_scope.deadline = (
+                                    trio.current_time() + app.shutdown_timeout
+                                )
+                    background.cancel_scope.cancel()
+                if self.work_scope.cancelled_caught and not (self.forced or self.aborted):
+                    log.warning(
+                        "group %s: handlers still running after shutdown_timeout=%.1fs "
+                        "were cancelled",
+                        app.group,
+                        app.shutdown_timeout,
+                    )
+                if not self.aborted:
+                    await self._finish(graceful=not self.forced)
+                top.cancel_scope.cancel()
+        except BaseException:
+            # Cancelled from outside, or a failure: still leave cleanly
+            # unless this is a simulated crash.
+            if not self.aborted and not self.finished:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(_LAST_COMMIT_TIMEOUT):
+                        await self._finish(graceful=False)
+            raise
+        finally:
+            if detach is not None:
+                detach()
+
+    async def _join(self, task_status: trio.TaskStatus[None]) -> None:
+        await self.consumer.join()
+        task_status.started()
+
+    async def _finish(self, *, graceful: bool) -> None:
+        self.finished = True
+        try:
+            with trio.fail_after(self.app.shutdown_timeout if graceful else _LAST_COMMIT_TIMEOUT):
+                await self._commit()
+        except trio.TooSlowError:
+            log.error(
+                "group %s: final commit timed out; uncommitted messages will be redelivered",
+                self.app.group,
+            )
+        except NotAssigned as e:
+            log.warning("group %s: final commit refused: %s", self.app.group, e)
+        finally:
+            with trio.move_on_after(_LAST_COMMIT_TIMEOUT):
+                await self.consumer.close()
+        log.info("group %s: stopped; %s", self.app.group, self.metrics.counters)
+
+    async def _signals(self, task_status: trio.TaskStatus[None]) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+            task_status.started()
+            async for signum in received:
+                if not self.stopping:
+                    log.info("group %s: %s received", self.app.group, signal.Signals(signum).name)
+                    self.stop()
+                else:
+                    self.force()
+
+    # ---- feeding --------------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        d, consumer, app = self.d, self.consumer, self.app
+        while not self.stopping:
+            room = d.free_capacity
+            if room == 0:
+                await self.space.park()
+                continue
+            wait = 0.05 if self.until_idle else _FETCH_WAIT
+            fetch = await consumer.fetch(min(room, app.fetch_max), wait)
+            await self._rebalance(fetch)
+            self.ends.update(fetch.ends)
+            pushed = self._push(fetch)
+            if pushed:
+                self.metrics.counters["consumed"] += pushed
+                self.work.unpark(count=pushed)
+            elif self.until_idle and fetch.at_end and fetch.settled:
+                if len(d) == 0 and not self.done:
+                    log.info("group %s: idle (all assigned partitions handled)", app.group)
+                    return
+                # Everything fetched; wait for the workers, not the broker.
+                with trio.move_on_after(0.05):
+                    await self.progress.park()
+
+    def _push(self, fetch: Fetch) -> int:
+        entries: list[tuple[bytes | None, int, int, Message]] = []
+        dropped = 0
+        now = time.perf_counter()
+        for tp, records in fetch.chunks:
+            tpid = self.tp_ids.get(tp)
+            if tpid is None or tp not in self.owned or not records:
+                continue
+            last = self.last_pushed.get(tpid, -1)
+            first, final = records[0].offset, records[-1].offset
+            if first > last and final - first == len(records) - 1:
+                fresh = records
+            else:
+                # A redelivery or a duplicate: keep only what is new.
+                fresh = []
+                for m in records:
+                    if m.offset > last:
+                        fresh.append(m)
+                        last = m.offset
+                dropped += len(records) - len(fresh)
+                if not fresh:
+                    continue
+            self.last_pushed[tpid] = fresh[-1].offset
+            entries.extend([(m.key, tpid, m.offset, m) for m in fresh])
+            # Dispatch latency is sampled on offsets divisible by
+            # SAMPLE_EVERY (the workers sample the same ones).
+            if fresh is records:
+                sampled = fresh[(-fresh[0].offset) & _SAMPLE_MASK :: SAMPLE_EVERY]
+            else:
+                sampled = [m for m in fresh if not m.offset & _SAMPLE_MASK]
+            for m in sampled:
+                self.enqueued_at[(tpid, m.offset)] = now
+        if dropped:
+            self.metrics.counters["redelivered_dropped"] += dropped
+        if entries:
+            accepted = self.d.push_many(entries)
+            # The feeder is the only pusher and sized the fetch to the room
+            # left, and retries do not take room: all of it fits.
+            assert accepted == len(entries), (accepted, len(entries))
+        return len(entries)
+
+    async def _rebalance(self, fetch: Fetch) -> None:
+        if fetch.lost:
+            ids = [self.tp_ids[tp] for tp in fetch.lost if tp in self.tp_ids]
+            dropped = self.d.revoke(ids)
+            log.warning(
+                "group %s: lost %s (this member was presumed dead); dropped %d queued messages",
+                self.app.group,
+                sorted(fetch.lost),
+                dropped,
+            )
+            self._forget(fetch.lost, ids)
+        if fetch.revoked:
+            await self._revoke(fetch.revoked)
+        for tp in fetch.assigned:
+            if tp not in self.tp_ids:
+                self.tp_ids[tp] = len(self.tps)
+                self.tps.append(tp)
+            self.owned.add(tp)
+        if fetch.assigned:
+            log.info("group %s: assigned %s", self.app.group, sorted(fetch.assigned))
+
+    async def _revoke(self, tps: frozenset[TopicPartition]) -> None:
+        """Gives up ``tps`` without handling their backlog: queued messages
+        are dropped (the watermark stays below them), handlers already
+        running finish (up to shutdown_timeout), what is done is committed,
+        and only then are the partitions released, so the next owner never
+        runs a key that is still running here."""
+        ids = sorted({self.tp_ids[tp] for tp in tps if tp in self.tp_ids})
+        self.draining.update(ids)
+        dropped = self.d.drop_queued(ids)
+        # Popped but not started: put back and drop too.
+        keep: deque[Ticket] = deque()
+        for t in self.ready:
+            if t.partition in self.draining:
+                self.d.retry(t)
+            else:
+                keep.append(t)
+        self.ready = keep
+        dropped += self.d.drop_queued(ids)
+        # Waiting out a retry backoff is not running: cut it short.
+        for t, scope in list(self.retrying.items()):
+            if t.partition in self.draining:
+                scope.cancel()
+        with trio.move_on_after(self.app.shutdown_timeout) as cs:
+            while self.d.in_flight_of(ids):
+                with trio.move_on_after(0.1):
+                    await self.progress.park()
+        if cs.cancelled_caught:
+            log.warning(
+                "group %s: handlers of %s still running after shutdown_timeout; releasing "
+                "anyway, so their keys may run on the next owner at the same time",
+                self.app.group,
+                sorted(tps),
+            )
+        await self._commit(only=set(ids))
+        self.d.revoke(ids)
+        self._forget(tps, ids)
+        self.draining.difference_update(ids)
+        log.info(
+            "group %s: revoked %s (%d queued messages left to the next owner)",
+            self.app.group,
+            sorted(tps),
+            dropped,
+        )
+        await self.consumer.release(tps)
+
+    def _forget(self, tps: frozenset[TopicPartition], ids: Any) -> None:
+        self.owned.difference_update(tps)
+        for tp in tps:
+            self.ends.pop(tp, None)
+        for i in ids:
+            self.last_pushed.pop(i, None)
+            self.committed.pop(i, None)
+        if self.enqueued_at:
+            gone = set(ids)
+            self.enqueued_at = {k: v for k, v in self.enqueued_at.items() if k[0] not in gone}
+
+    # ---- working --------------------------------------------------------------------------
+
+    async def _refill(self) -> bool:
+        """Fills the shared ready queue; False when the worker should exit."""
+        self._flush()
+        while not self.closing:
+            tickets = self.d.pop_ready(self.batch)
+            if tickets:
+                self.ready.extend(tickets)
+                # One checkpoint per batch keeps the feeder and committer
+                # running while handlers that never suspend run back to back.
+                await trio.lowlevel.checkpoint()
+                return True
+            await self.work.park()
+        return False
+
+    def _flush(self) -> None:
+        done = self.done
+        if done:
+            n = len(done)
+            self.d.complete_many(done)
+            done.clear()
+            self.work.unpark(count=n)
+            self.space.unpark_all()
+            self.progress.unpark_all()
+
+    async def _worker(self) -> None:
+        done, metrics = self.done, self.metrics
+        counters, guard = metrics.counters, self.guard
+        record_each = self.app.record_versions == "each"
+        handler = self.app._handler
+        assert handler is not None
+        perf_counter = time.perf_counter
+        while True:
+            if self.closing:
+                return
+            ready = self.ready  # replaced when a revoke filters it
+            if not ready:
+                if not await self._refill():
+                    return
+                continue
+            t = ready.popleft()
+            msg = t.item
+            sampled = not (t.offset & _SAMPLE_MASK)
+            if sampled:
+                queued_at = self.enqueued_at.pop((t.partition, t.offset), None)
+            if t.attempt:
+                msg = dataclasses.replace(msg, attempt=t.attempt)
+            if guard is not None:
+                try:
+                    verdict = guard.before(msg)
+                except PoisonMessage as e:
+                    self._exhausted(t, msg, e, t.attempt + 1)
+                    continue
+                if verdict is not None:
+                    counters["stale_dropped" if verdict == "stale" else "duplicates_skipped"] += 1
+                    done.append(t)
+                    continue
+            if sampled:
+                started = perf_counter()
+                if queued_at is not None:
+                    metrics.dispatch_latency.observe(started - queued_at)
+            self.running += 1
+            try:
+                await handler(msg)
+            except Exception as e:
+                self.running -= 1
+                self._failed(t, msg, e)
+                continue
+            self.running -= 1
+            if sampled:
+                metrics.handler_latency.observe(perf_counter() - started)
+            counters["handled"] += 1
+            if guard is not None:
+                if record_each:
+                    # The effect is applied: nothing may stop its version
+                    # from being written now.
+                    with trio.CancelScope(shield=True):
+                        await guard.record(msg)
+                else:
+                    guard.after(msg)
+            done.append(t)
+            if len(done) >= _FLUSH_EVERY:
+                self._flush()
+
+    def _failed(self, t: Ticket, msg: Message, error: Exception) -> None:
+        counters = self.metrics.counters
+        counters["failed"] += 1
+        if t.partition in self.draining:
+            # Its partition is being given up: the next owner retries it.
+            self.d.retry(t)
+            self.d.drop_queued([t.partition])
+            self.progress.unpark_all()
+            return
+        deliveries = t.attempt + 1
+        policy = self.app.retry
+        log.warning(
+            "handler failed on %s/%d@%d (attempt %d of %d): %r",
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            deliveries,
+            policy.max_attempts,
+            error,
+            extra={
+                "topic": msg.topic,
+                "partition": msg.partition,
+                "offset": msg.offset,
+                "key": msg.key,
+            },
+        )
+        if policy.exhausted(deliveries):
+            self._exhausted(t, msg, error, deliveries)
+        else:
+            counters["retried"] += 1
+            self._side(self._retry_later, t, policy.delay(deliveries, self.rng))
+
+    def _exhausted(self, t: Ticket, msg: Message, error: Exception, deliveries: int) -> None:
+        app = self.app
+        where = f"{msg.topic}/{msg.partition}@{msg.offset}"
+        if app.dlq is not None:
+            self._side(self._dead_letter, t, msg, error, deliveries)
+        elif app.on_exhausted == "skip":
+            log.error(
+                "giving up on %s after %d attempts (on_exhausted='skip'): %r",
+                where,
+                deliveries,
+                error,
+            )
+            self.metrics.counters["skipped"] += 1
+            self.done.append(t)
+        else:
+            log.error(
+                "%s failed %d times; its key stays blocked and it is retried every %.1fs "
+                "(on_exhausted='block'; set dlq= or on_exhausted='skip' to move on): %r",
+                where,
+                deliveries,
+                app.retry.backoff_max,
+                error,
+            )
+            self.metrics.counters["retried"] += 1
+            self._side(self._retry_later, t, app.retry.backoff_max)
+
+    def _side(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        assert self.side is not None
+        self.side.start_soon(fn, *args)
+
+    async def _retry_later(self, t: Ticket, delay: float) -> None:
+        with trio.CancelScope() as scope:
+            self.retrying[t] = scope
+            try:
+                await trio.sleep(delay)
+            finally:
+                del self.retrying[t]
+        self.d.retry(t)
+        if t.partition in self.draining:
+            # Its partition is being given up: leave it to the next owner.
+            self.d.drop_queued([t.partition])
+            self.progress.unpark_all()
+        self.work.unpark(count=1)
+
+    async def _dead_letter(
+        self, t: Ticket, msg: Message, error: Exception, deliveries: int
+    ) -> None:
+        app = self.app
+        assert app.dlq is not None
+        record = DeadLetter.of(msg, error, deliveries, app.group).encode()
+        delay = app.retry.backoff_base or 0.1
+        while True:
+            try:
+                app.broker.produce(app.dlq, msg.key, record, {"keylane-dlq": "1"})
+                await app.broker.flush()
+                break
+            except Exception as e:
+                # Never drop it: the key stays blocked until the dead letter
+                # is written.
+                log.error(
+                    "cannot write %s/%d@%d to %s: %r",
+                    msg.topic,
+                    msg.partition,
+                    msg.offset,
+                    app.dlq,
+                    e,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, app.retry.backoff_max)
+        log.error(
+            "dead-lettered %s/%d@%d to %s after %d attempts: %r",
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            app.dlq,
+            deliveries,
+            error,
+        )
+        self.metrics.counters["dead_lettered"] += 1
+        self.done.append(t)
+        self._flush()
+
+    # ---- committing -----------------------------------------------------------------------
+
+    async def _committer(self) -> None:
+        while True:
+            await trio.sleep(self.app.commit_interval)
+            try:
+                await self._commit()
+            except NotAssigned as e:
+                log.info(
+                    "group %s: commit refused (%s); the next fetch brings the rebalance",
+                    self.app.group,
+                    e,
+                )
+
+    async def _commit(self, *, only: set[int] | None = None) -> None:
+        async with self.commit_lock:
+            self._flush()
+            # Offsets first, versions second, commit third: every message
+            # below these offsets has its version in the flush.
+            marks = self.d.committable()
+            if self.guard is not None:
+                await self.guard.flush()
+            offsets: dict[TopicPartition, int] = {}
+            for tpid, offset in marks.items():
+                if only is not None and tpid not in only:
+                    continue
+                tp = self.tps[tpid]
+                if tp in self.owned and self.committed.get(tpid) != offset:
+                    offsets[tp] = offset
+            if not offsets:
+                await self.consumer.heartbeat()
+                return
+            await self.consumer.commit(offsets)
+            for tp, offset in offsets.items():
+                self.committed[self.tp_ids[tp]] = offset
+            self.metrics.counters["commits"] += 1
+
+    # ---- observing ------------------------------------------------------------------------
+
+    def gauges(self) -> dict[str, Any]:
+        marks = self.d.committable()
+        lag = {}
+        for tp in self.owned:
+            end = self.ends.get(tp)
+            tpid = self.tp_ids[tp]
+            if end is not None:
+                lag[f"{tp.topic}/{tp.partition}"] = max(
+                    0, end - marks.get(tpid, self.committed.get(tpid, end))
+                )
+        return {
+            "in_flight": self.d.in_flight,
+            "queued": self.d.queued,
+            "running": self.running,
+            "partitions": len(self.owned),
+            "member": self.consumer.member_id,
+            "lag": lag,
+        }

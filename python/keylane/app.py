@@ -1,0 +1,268 @@
+"""keylane.App: what a service embeds.
+
+```python
+app = keylane.App(broker, topics=["payments"], group="wallet", ordering="key", concurrency=256)
+
+@app.handler
+async def handle(msg: keylane.Message) -> None: ...
+
+trio.run(app.run)
+```
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal
+
+import trio
+
+from keylane import _guard
+from keylane._native import VersionTable
+from keylane._runtime import Run
+from keylane.brokers.base import Broker
+from keylane.dlq import replay
+from keylane.errors import ConfigError, InvalidType
+from keylane.message import Message
+from keylane.metrics import Metrics, Prometheus
+from keylane.retry import RetryPolicy
+
+Handler = Callable[[Message], Awaitable[None]]
+
+ORDERINGS = ("total", "partition", "key", "none")
+DEFAULT_DEDUPE_WINDOW = 7 * 24 * 3600.0
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _positive_seconds(name: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+class App:
+    """Consumes ``topics`` as consumer group ``group`` and runs the handler,
+    in parallel but in order per key (or per partition, or globally, or not
+    at all: ``ordering``).
+
+    Options (keyword-only):
+
+    - ``ordering``: ``"key"`` (default), ``"partition"``, ``"total"``, ``"none"``.
+    - ``concurrency``: handlers running at once (default 64).
+    - ``capacity``: messages fetched and not yet done, at most (default 100,000).
+    - ``retry``: a ``RetryPolicy`` (default: 5 attempts, 0.1 s doubling to 30 s).
+    - ``dlq``: a topic on the same broker for messages that fail every attempt.
+    - ``on_exhausted``: without a ``dlq``, what happens after the last attempt:
+      ``"block"`` (default: keep retrying every ``backoff_max``; the key and
+      its partition's commits wait, nothing is lost) or ``"skip"``
+      (acknowledge it, log an error, count it).
+    - ``versions``: a ``VersionTable`` or a path to one. With it, a message
+      whose version is not newer than the applied one for its key is
+      acknowledged without running the handler.
+    - ``version_of``: message → int or None (default: the ``version``
+      header; None means "no version, always handle").
+    - ``record_versions``: ``"batched"`` (default) writes versions and ids
+      in one transaction before each offset commit; ``"each"`` writes them
+      right after each handler returns, for handlers whose effects must not
+      repeat after a crash (slower: a write, and with a durable table an
+      fsync, per message). See docs/design.md for the exact windows.
+    - ``dedupe``: skip messages whose id was seen within a window (needs
+      ``versions``): True (7 days) or a window in seconds.
+    - ``id_of``: message → bytes/str or None (default: the ``id`` header).
+    - ``shutdown_timeout``: how long running handlers get on stop and how
+      long a rebalance waits to drain (default 30 s).
+    - ``commit_interval``: seconds between offset commits (default 1).
+    - ``fetch_max``: records per fetch at most (default 4,096).
+    - ``metrics``: ``keylane.Prometheus(port=...)``, or a prometheus-client
+      ``CollectorRegistry``; ``app.stats()`` works without either.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        topics: Sequence[str],
+        group: str,
+        ordering: Literal["total", "partition", "key", "none"] = "key",
+        concurrency: int = 64,
+        capacity: int = 100_000,
+        retry: RetryPolicy | None = None,
+        dlq: str | None = None,
+        on_exhausted: Literal["block", "skip"] = "block",
+        versions: VersionTable | str | os.PathLike[str] | None = None,
+        version_of: Callable[[Message], int | None] | None = None,
+        record_versions: Literal["batched", "each"] = "batched",
+        dedupe: bool | float | None = None,
+        id_of: Callable[[Message], bytes | str | None] | None = None,
+        shutdown_timeout: float = 30.0,
+        commit_interval: float = 1.0,
+        fetch_max: int = 4096,
+        metrics: Any = None,
+    ) -> None:
+        for method in ("consumer", "produce", "flush"):
+            if not callable(getattr(broker, method, None)):
+                raise ConfigError(f"broker must implement keylane.brokers.Broker (no {method}())")
+        self.broker = broker
+        if isinstance(topics, str) or not isinstance(topics, Sequence) or not topics:
+            raise ConfigError("topics must be a non-empty list of topic names")
+        if not all(isinstance(t, str) and t for t in topics):
+            raise ConfigError("topics must be non-empty strings")
+        self.topics = list(dict.fromkeys(topics))
+        if not isinstance(group, str) or not group:
+            raise ConfigError("group must be a non-empty str")
+        self.group = group
+        if ordering not in ORDERINGS:
+            raise ConfigError(
+                f"ordering must be one of {', '.join(map(repr, ORDERINGS))}; got {ordering!r}"
+            )
+        self.ordering = ordering
+        self.concurrency = _positive_int("concurrency", concurrency)
+        self.capacity = _positive_int("capacity", capacity)
+        self.fetch_max = _positive_int("fetch_max", fetch_max)
+        if retry is None:
+            retry = RetryPolicy()
+        elif not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"retry must be a keylane.RetryPolicy, not {type(retry).__name__}")
+        self.retry = retry
+        if dlq is not None and (not isinstance(dlq, str) or not dlq):
+            raise ConfigError("dlq must be a topic name or None")
+        if dlq is not None and dlq in self.topics:
+            raise ConfigError(
+                f"dlq {dlq!r} is one of the consumed topics; failures would loop back in"
+            )
+        self.dlq = dlq
+        if on_exhausted not in ("block", "skip"):
+            raise ConfigError(f'on_exhausted must be "block" or "skip", got {on_exhausted!r}')
+        self.on_exhausted = on_exhausted
+        self.shutdown_timeout = _positive_seconds("shutdown_timeout", shutdown_timeout)
+        self.commit_interval = _positive_seconds("commit_interval", commit_interval)
+        self._versions_arg = versions
+        self._versions_table: VersionTable | None = None
+        if versions is not None and not isinstance(versions, (VersionTable, str, os.PathLike)):
+            raise ConfigError(
+                f"versions must be a VersionTable or a path, not {type(versions).__name__}"
+            )
+        if version_of is not None and not callable(version_of):
+            raise ConfigError("version_of must be a callable taking a Message")
+        if id_of is not None and not callable(id_of):
+            raise ConfigError("id_of must be a callable taking a Message")
+        if record_versions not in ("batched", "each"):
+            raise ConfigError(
+                f'record_versions must be "batched" or "each", got {record_versions!r}'
+            )
+        self.record_versions = record_versions
+        if dedupe is None or dedupe is False:
+            self._dedupe_ttl: float | None = None
+            dedupe_on = False
+        elif dedupe is True:
+            self._dedupe_ttl, dedupe_on = DEFAULT_DEDUPE_WINDOW, True
+        else:
+            self._dedupe_ttl, dedupe_on = _positive_seconds("dedupe", dedupe), True
+        if dedupe_on and versions is None:
+            raise ConfigError("dedupe needs versions= (the seen ids live in the VersionTable)")
+        if (version_of is not None or id_of is not None) and versions is None:
+            raise ConfigError("version_of/id_of need versions= (a VersionTable or a path)")
+        self._version_of = (version_of or _guard.version_header) if versions is not None else None
+        self._id_of = (id_of or _guard.id_header) if dedupe_on else None
+        if metrics is None or isinstance(metrics, Prometheus):
+            self._metrics_sink = metrics
+        elif type(metrics).__name__ == "CollectorRegistry":
+            self._metrics_sink = Prometheus(registry=metrics)
+        else:
+            raise ConfigError(
+                "metrics must be keylane.Prometheus(...), a prometheus_client.CollectorRegistry, "
+                "or None"
+            )
+        self._metrics = Metrics()
+        self._handler: Handler | None = None
+        self._run: Run | None = None
+
+    def handler(self, fn: Handler) -> Handler:
+        """Registers the message handler, an ``async def`` taking a Message."""
+        if self._handler is not None:
+            raise ConfigError("this App already has a handler")
+        # An async def, or an object whose __call__ is one.
+        call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__call__
+        if not inspect.iscoroutinefunction(call):
+            name = getattr(fn, "__name__", repr(fn))
+            raise InvalidType(f"the handler must be an async function (async def), got {name}")
+        self._handler = fn
+        return fn
+
+    async def run(
+        self,
+        *,
+        until_idle: bool = False,
+        handle_signals: bool = True,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Consumes until cancelled, ``stop()``ped, or SIGINT/SIGTERM (in the
+        main thread; a second signal forces the stop). With
+        ``until_idle=True``, returns once every record produced so far to its
+        partitions is handled and committed. ``task_status.started()`` is
+        called once the App has joined its group and is consuming."""
+        if self._handler is None:
+            raise ConfigError("no handler: decorate an async function with @app.handler first")
+        if self._run is not None:
+            raise ConfigError("this App is already running")
+        opened = None
+        if self._versions_arg is not None:
+            if isinstance(self._versions_arg, VersionTable):
+                self._versions_table = self._versions_arg
+            else:
+                opened = self._versions_table = VersionTable(self._versions_arg)
+        self._run = Run(self, until_idle=until_idle)
+        try:
+            await self._run.main(task_status, handle_signals=handle_signals)
+        finally:
+            self._run = None
+            if opened is not None:
+                opened.close()
+
+    def stop(self) -> None:
+        """Stops a running App gracefully (as the first SIGINT does)."""
+        if self._run is not None:
+            self._run.stop()
+
+    def abort(self) -> None:
+        """Stops a running App as if its process had died: no final commit,
+        and it does not leave its group, so its partitions move to the other
+        members only after the broker's session timeout. For tests and
+        chaos experiments."""
+        if self._run is not None:
+            self._run.abort()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters (consumed, handled, failed, retried, dead_lettered,
+        skipped, stale_dropped, duplicates_skipped, redelivered_dropped,
+        commits), gauges while running (in_flight, queued, running,
+        partitions, member, lag per partition) and latency summaries."""
+        return self._metrics.snapshot()
+
+    async def replay_dlq(
+        self, *, rate: float = 100.0, burst: int | None = None, limit: int | None = None
+    ) -> int:
+        """Re-produces this App's dead letters to their original topics at
+        ``rate`` messages per second and returns how many. Each keeps its
+        original key, value and headers (version included), so the version
+        check drops what has become stale."""
+        if self.dlq is None:
+            raise ConfigError("this App has no dlq topic to replay")
+        return await replay(
+            self.broker, self.dlq, group=self.group, rate=rate, burst=burst, limit=limit
+        )

@@ -1,0 +1,113 @@
+"""The one protocol every broker adapter implements.
+
+The runtime needs five things from a broker: join a consumer group, fetch
+records of the partitions it was assigned (and learn of assignment changes),
+commit offsets, produce (for the dead-letter queue and replays), and leave.
+Rebalances are reported in band by ``fetch``: partitions being taken away
+arrive in ``Fetch.revoked``; the consumer keeps them until the runtime has
+drained and committed them and calls ``release``. Only then may another
+member of the group start on them, which is what keeps one key from being
+processed in two places at once during a rebalance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping, Sequence
+from typing import NamedTuple, Protocol
+
+from keylane.message import HeaderValue, KeyLike, Message, ValueLike
+
+
+class TopicPartition(NamedTuple):
+    topic: str
+    partition: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fetch:
+    """What one ``fetch`` returns.
+
+    ``chunks`` holds records grouped by partition, each chunk in offset
+    order (a redelivery may repeat offsets already fetched). ``ends`` gives,
+    for each assigned partition, the offset the next produced record will
+    get (for lag). ``at_end`` is true when every
+    assigned partition has been read to its end.
+    """
+
+    chunks: Sequence[tuple[TopicPartition, Sequence[Message]]] = ()
+    assigned: frozenset[TopicPartition] = frozenset()
+    revoked: frozenset[TopicPartition] = frozenset()
+    # Taken away without a chance to commit (this member was declared dead):
+    # drop them at once; another member may already be processing them.
+    lost: frozenset[TopicPartition] = frozenset()
+    ends: Mapping[TopicPartition, int] = dataclasses.field(default_factory=dict)
+    at_end: bool = False
+    # The group is stable: no partition waits to change hands and each has
+    # a live owner. "Idle" means nothing unless the group is settled.
+    settled: bool = True
+
+
+class Consumer(Protocol):
+    """A member of a consumer group."""
+
+    @property
+    def group(self) -> str: ...
+
+    @property
+    def member_id(self) -> str: ...
+
+    def assignment(self) -> frozenset[TopicPartition]:
+        """Partitions this member owns (revoked ones until released)."""
+        ...
+
+    async def join(self) -> None:
+        """Joins the group; assignments arrive with the next fetches."""
+        ...
+
+    async def fetch(self, max_records: int, max_wait: float) -> Fetch:
+        """Records (at most ``max_records``) and assignment changes; waits up
+        to ``max_wait`` seconds when there is nothing to return."""
+        ...
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commits next-offset-to-read per partition. Raises ``NotAssigned``
+        for partitions this member does not own."""
+        ...
+
+    async def heartbeat(self) -> None:
+        """Tells the group this member is alive (fetch and commit do too)."""
+        ...
+
+    async def release(self, partitions: Collection[TopicPartition]) -> None:
+        """Gives up revoked partitions, after their final commit."""
+        ...
+
+    async def close(self) -> None:
+        """Leaves the group at once; its partitions go to the others."""
+        ...
+
+
+class Broker(Protocol):
+    """A message broker keylane can consume from and produce to."""
+
+    def consumer(self, group: str, topics: Sequence[str]) -> Consumer:
+        """A new member of ``group`` subscribed to ``topics`` (not joined yet)."""
+        ...
+
+    def produce(
+        self,
+        topic: str,
+        key: KeyLike | None = None,
+        value: ValueLike = b"",
+        headers: Mapping[str, HeaderValue] | None = None,
+        *,
+        partition: int | None = None,
+    ) -> object:
+        """Queues a record for sending; ``flush`` waits until it is sent.
+        (What it returns is adapter-specific.)"""
+        ...
+
+    async def flush(self) -> None:
+        """Waits until everything produced so far is stored by the broker."""
+        ...

@@ -1,0 +1,603 @@
+"""MemoryBroker: an in-process broker, keylane's embedded default.
+
+Topics of N partitions (keys placed by Kafka's murmur2 partitioner, key-less
+records round-robin), append-only logs, consumer groups with committed
+offsets, several members per group with partition assignment and rebalance,
+session timeouts, optional persistence to a directory, and fault injection.
+
+It lives in one process and one Trio thread: produce from anywhere in that
+thread (or before ``trio.run``), consume from Trio tasks. It is not
+thread-safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import msgpack
+import trio
+
+from keylane._native import partition_for_key
+from keylane.brokers import _log_file
+from keylane.brokers.base import Fetch, TopicPartition
+from keylane.errors import ConfigError, CorruptLogError, InvalidArgument, InvalidType, NotAssigned
+from keylane.message import (
+    HeaderValue,
+    KeyLike,
+    Message,
+    ValueLike,
+    encode_headers,
+    encode_key,
+    encode_value,
+)
+
+log = logging.getLogger("keylane.brokers.memory")
+
+# Kafka's rule for topic names; it also keeps them safe as file names.
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _now() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # outside trio.run
+        return time.monotonic()
+
+
+def _check_number(name: str, value: object, *, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Faults:
+    """Faults a MemoryBroker injects into fetches, for tests and the lab.
+
+    ``redeliver``: probability per fetch that one partition's position is
+    rewound to its committed offset, so recent records come again (what a
+    consumer reconnect does). ``duplicate``: probability per chunk that its
+    last record is delivered twice. ``fetch_delay``: seconds added to every
+    fetch. ``seed`` makes the choices repeatable. All off by default.
+    """
+
+    redeliver: float = 0.0
+    duplicate: float = 0.0
+    fetch_delay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_number("redeliver", self.redeliver, low=0, high=1)
+        _check_number("duplicate", self.duplicate, low=0, high=1)
+        _check_number("fetch_delay", self.fetch_delay, low=0)
+
+
+@dataclasses.dataclass(eq=False)
+class _Member:
+    id: str
+    topics: tuple[str, ...]
+    last_seen: float
+    assigned: set[TopicPartition] = dataclasses.field(default_factory=set)
+    # Assigned since the last fetch reported them.
+    fresh: set[TopicPartition] = dataclasses.field(default_factory=set)
+    # Being taken away: reported once, kept until released.
+    revoking: set[TopicPartition] = dataclasses.field(default_factory=set)
+    reported: set[TopicPartition] = dataclasses.field(default_factory=set)
+    lost: set[TopicPartition] = dataclasses.field(default_factory=set)
+    position: dict[TopicPartition, int] = dataclasses.field(default_factory=dict)
+    cursor: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Group:
+    name: str
+    members: dict[str, _Member] = dataclasses.field(default_factory=dict)
+    owner: dict[TopicPartition, str] = dataclasses.field(default_factory=dict)
+    # Partition → member it goes to once its current owner releases it.
+    pending: dict[TopicPartition, str] = dataclasses.field(default_factory=dict)
+    committed: dict[TopicPartition, int] = dataclasses.field(default_factory=dict)
+
+
+class MemoryBroker:
+    """An in-process broker with Kafka's partitioning and group semantics.
+
+    ``partitions`` is the partition count of topics created implicitly (on
+    first produce or subscribe). ``session_timeout``: a member that neither
+    fetches, commits nor heartbeats for this long is considered dead and its
+    partitions are reassigned. ``persist_dir``: keep topics, logs and
+    committed offsets in this directory, so a restarted process resumes;
+    ``recover="truncate"`` cuts damaged log tails instead of refusing to
+    start; ``fsync=True`` makes ``flush`` fsync the logs.
+    """
+
+    def __init__(
+        self,
+        partitions: int = 12,
+        *,
+        session_timeout: float = 10.0,
+        persist_dir: str | os.PathLike[str] | None = None,
+        recover: Literal["fail", "truncate"] = "fail",
+        fsync: bool = False,
+        faults: Faults | None = None,
+    ) -> None:
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+            raise ConfigError(f"partitions must be an int >= 1, got {partitions!r}")
+        self.default_partitions = partitions
+        self.session_timeout = _check_number("session_timeout", session_timeout, low=0.001)
+        if recover not in ("fail", "truncate"):
+            raise ConfigError(f'recover must be "fail" or "truncate", got {recover!r}')
+        if faults is not None and not isinstance(faults, Faults):
+            raise ConfigError(
+                f"faults must be a keylane.brokers.Faults, not {type(faults).__name__}"
+            )
+        self.faults = faults or Faults()
+        self._rng = random.Random(self.faults.seed)
+        self._logs: dict[str, list[list[Message]]] = {}
+        self._round_robin: dict[str, itertools.count[int]] = {}
+        self._groups: dict[str, _Group] = {}
+        self._member_ids = itertools.count(1)
+        # Set (and dropped) on every change; created only when a fetch waits.
+        self._changed: trio.Event | None = None
+        self._closed = False
+        self._fsync = fsync
+        self._dir = Path(persist_dir) if persist_dir is not None else None
+        self._appenders: dict[TopicPartition, _log_file.Appender] = {}
+        if self._dir is not None:
+            self._load(truncate=recover == "truncate")
+
+    # ---- topics and producing --------------------------------------------------------------
+
+    def create_topic(self, topic: str, partitions: int | None = None) -> None:
+        """Creates ``topic`` (no-op if it exists with that many partitions)."""
+        n = self.default_partitions if partitions is None else partitions
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"partitions must be an int >= 1, got {n!r}")
+        self._check_topic(topic)
+        existing = self._logs.get(topic)
+        if existing is not None:
+            if len(existing) != n:
+                raise ConfigError(
+                    f"topic {topic!r} exists with {len(existing)} partitions; "
+                    "use add_partitions() to grow it"
+                )
+            return
+        self._logs[topic] = [[] for _ in range(n)]
+        self._round_robin[topic] = itertools.count()
+        self._persist_topics()
+        self._rebalance_subscribers(topic)
+
+    def add_partitions(self, topic: str, total: int) -> None:
+        """Grows ``topic`` to ``total`` partitions, as Kafka allows: existing
+        records stay where they are, and keys may now hash elsewhere."""
+        logs = self._topic(topic)
+        if isinstance(total, bool) or not isinstance(total, int) or total <= len(logs):
+            raise ConfigError(f"total must be an int above the current {len(logs)} partitions")
+        logs.extend([] for _ in range(total - len(logs)))
+        self._persist_topics()
+        self._rebalance_subscribers(topic)
+
+    def partitions(self, topic: str) -> int:
+        return len(self._topic(topic))
+
+    def topics(self) -> dict[str, int]:
+        return {t: len(p) for t, p in self._logs.items()}
+
+    def produce(
+        self,
+        topic: str,
+        key: KeyLike | None = None,
+        value: ValueLike = b"",
+        headers: Mapping[str, HeaderValue] | None = None,
+        *,
+        partition: int | None = None,
+        timestamp: float | None = None,
+    ) -> Message:
+        """Appends a record and returns it (with its partition and offset).
+
+        The partition is ``partition`` if given, else Kafka's murmur2 of the
+        key, else round-robin for key-less records. str keys, values and
+        header values are UTF-8 encoded.
+        """
+        if self._closed:
+            raise InvalidArgument("this MemoryBroker is closed")
+        key_bytes = encode_key(key)
+        value_bytes = encode_value(value)
+        header_bytes = encode_headers(headers)
+        if topic not in self._logs:
+            self.create_topic(topic)
+        logs = self._logs[topic]
+        if partition is None:
+            if key_bytes is None:
+                p = next(self._round_robin[topic]) % len(logs)
+            else:
+                p = partition_for_key(key_bytes, len(logs))
+        elif isinstance(partition, bool) or not isinstance(partition, int):
+            raise InvalidType(f"partition must be an int, not {type(partition).__name__}")
+        elif not 0 <= partition < len(logs):
+            raise InvalidArgument(
+                f"partition {partition} does not exist: topic {topic!r} has {len(logs)}"
+            )
+        else:
+            p = partition
+        ts = time.time() if timestamp is None else float(timestamp)
+        log_ = logs[p]
+        message = Message(topic, p, len(log_), key_bytes, value_bytes, header_bytes, ts)
+        log_.append(message)
+        if self._dir is not None:
+            self._appender(TopicPartition(topic, p)).append(message)
+        self._signal()
+        return message
+
+    async def flush(self) -> None:
+        """Records are stored as soon as ``produce`` returns; with
+        persistence, this also writes (and with ``fsync=True`` syncs) them."""
+        for appender in self._appenders.values():
+            appender.sync() if self._fsync else appender.flush()
+
+    def records(
+        self, topic: str, partition: int, start: int = 0, stop: int | None = None
+    ) -> list[Message]:
+        """A slice of a partition's log (for tests and tools)."""
+        return self._topic(topic)[partition][start:stop]
+
+    def end_offsets(self, topic: str) -> list[int]:
+        """Per partition, the offset the next record will get."""
+        return [len(p) for p in self._topic(topic)]
+
+    def committed(self, group: str) -> dict[TopicPartition, int]:
+        """A group's committed offsets (next offset to read)."""
+        g = self._groups.get(group)
+        return dict(g.committed) if g is not None else {}
+
+    def assignment(self, group: str) -> dict[str, frozenset[TopicPartition]]:
+        """Current member → partitions (revoked ones until released)."""
+        g = self._groups.get(group)
+        if g is None:
+            return {}
+        return {m.id: frozenset(m.assigned) for m in g.members.values()}
+
+    def consumer(self, group: str, topics: Sequence[str]) -> MemoryConsumer:
+        if not isinstance(group, str) or not group:
+            raise ConfigError("group must be a non-empty str")
+        if isinstance(topics, str) or not topics:
+            raise ConfigError("topics must be a non-empty list of topic names")
+        for t in topics:
+            self._check_topic(t)
+        return MemoryConsumer(self, group, tuple(dict.fromkeys(topics)))
+
+    def close(self) -> None:
+        """Closes log files; the broker refuses to produce afterwards."""
+        self._closed = True
+        for appender in self._appenders.values():
+            appender.close()
+        self._appenders.clear()
+
+    async def aclose(self) -> None:
+        await self.flush()
+        self.close()
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _check_topic(self, topic: object) -> None:
+        if not isinstance(topic, str) or not _TOPIC_NAME.fullmatch(topic):
+            raise InvalidArgument(
+                f"topic name {topic!r} is invalid: use 1-249 characters from [A-Za-z0-9._-]"
+            )
+
+    def _topic(self, topic: str) -> list[list[Message]]:
+        logs = self._logs.get(topic)
+        if logs is None:
+            raise InvalidArgument(f"no topic {topic!r}")
+        return logs
+
+    def _signal(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+    def _change_event(self) -> trio.Event:
+        if self._changed is None:
+            self._changed = trio.Event()
+        return self._changed
+
+    def _group(self, name: str) -> _Group:
+        g = self._groups.get(name)
+        if g is None:
+            g = self._groups[name] = _Group(name)
+        return g
+
+    def _rebalance_subscribers(self, topic: str) -> None:
+        for g in self._groups.values():
+            if any(topic in m.topics for m in g.members.values()):
+                self._rebalance(g)
+
+    def _expire(self, g: _Group) -> None:
+        now = _now()
+        dead = [m for m in g.members.values() if now - m.last_seen > self.session_timeout]
+        for m in dead:
+            log.warning(
+                "group %s: member %s missed its session timeout (%.1fs); reassigning %s",
+                g.name,
+                m.id,
+                self.session_timeout,
+                sorted(m.assigned),
+            )
+            self._drop(g, m)
+        if dead:
+            self._rebalance(g)
+
+    def _drop(self, g: _Group, m: _Member) -> None:
+        del g.members[m.id]
+        for tp, owner in list(g.owner.items()):
+            if owner == m.id:
+                del g.owner[tp]
+        for tp, target in list(g.pending.items()):
+            if target == m.id:
+                del g.pending[tp]
+
+    def _rebalance(self, g: _Group) -> None:
+        """Round-robin over the sorted partitions of each topic among the
+        members subscribed to it. A partition changing hands is revoked from
+        a live owner first and handed over when released; one without a live
+        owner is assigned at once."""
+        members = list(g.members.values())
+        target: dict[TopicPartition, str] = {}
+        for topic in sorted({t for m in members for t in m.topics}):
+            subscribed = [m.id for m in members if topic in m.topics]
+            n = len(self._logs.get(topic, ()))
+            for p in range(n):
+                target[TopicPartition(topic, p)] = subscribed[p % len(subscribed)]
+        for tp in set(target) | set(g.owner):
+            current, wanted = g.owner.get(tp), target.get(tp)
+            if current is None:
+                g.pending.pop(tp, None)
+                if wanted is not None:
+                    self._give(g, tp, g.members[wanted])
+            elif current == wanted and tp not in g.members[current].revoking:
+                g.pending.pop(tp, None)
+            else:
+                owner = g.members[current]
+                owner.revoking.add(tp)
+                if wanted is None:
+                    g.pending.pop(tp, None)
+                else:
+                    g.pending[tp] = wanted
+        self._signal()
+
+    def _give(self, g: _Group, tp: TopicPartition, m: _Member) -> None:
+        g.owner[tp] = m.id
+        m.assigned.add(tp)
+        m.fresh.add(tp)
+        m.position[tp] = g.committed.get(tp, 0)
+
+    # ---- persistence ----------------------------------------------------------------------
+
+    def _appender(self, tp: TopicPartition) -> _log_file.Appender:
+        appender = self._appenders.get(tp)
+        if appender is None:
+            assert self._dir is not None
+            appender = _log_file.Appender(self._dir / "log" / f"{tp.topic}-{tp.partition}.log")
+            self._appenders[tp] = appender
+        return appender
+
+    def _persist_topics(self) -> None:
+        if self._dir is not None:
+            _atomic_write(self._dir / "topics.msgpack", msgpack.packb(self.topics()))
+
+    def _persist_offsets(self) -> None:
+        if self._dir is None:
+            return
+        data = {
+            name: [[tp.topic, tp.partition, off] for tp, off in g.committed.items()]
+            for name, g in self._groups.items()
+        }
+        _atomic_write(self._dir / "groups.msgpack", msgpack.packb(data))
+
+    def _load(self, *, truncate: bool) -> None:
+        assert self._dir is not None
+        (self._dir / "log").mkdir(parents=True, exist_ok=True)
+        topics_file = self._dir / "topics.msgpack"
+        if topics_file.exists():
+            try:
+                topics = msgpack.unpackb(topics_file.read_bytes())
+                for topic, n in topics.items():
+                    self._logs[topic] = [
+                        self._load_log(topic, p, truncate=truncate) for p in range(n)
+                    ]
+                    self._round_robin[topic] = itertools.count()
+            except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as e:
+                raise CorruptLogError(
+                    f"{topics_file} is damaged ({e}); nothing was loaded"
+                ) from None
+        groups_file = self._dir / "groups.msgpack"
+        if groups_file.exists():
+            try:
+                for name, rows in msgpack.unpackb(groups_file.read_bytes()).items():
+                    g = self._group(name)
+                    for topic, partition, offset in rows:
+                        g.committed[TopicPartition(topic, partition)] = offset
+            except (ValueError, TypeError, msgpack.UnpackException) as e:
+                raise CorruptLogError(
+                    f"{groups_file} is damaged ({e}); nothing was loaded"
+                ) from None
+
+    def _load_log(self, topic: str, partition: int, *, truncate: bool) -> list[Message]:
+        assert self._dir is not None
+        path = self._dir / "log" / f"{topic}-{partition}.log"
+        return _log_file.read(path, topic, partition, truncate=truncate) if path.exists() else []
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class MemoryConsumer:
+    """A member of a MemoryBroker consumer group (see ``Consumer``)."""
+
+    def __init__(self, broker: MemoryBroker, group: str, topics: tuple[str, ...]) -> None:
+        self._broker = broker
+        self._group_name = group
+        self._topics = topics
+        self._member: _Member | None = None
+
+    @property
+    def group(self) -> str:
+        return self._group_name
+
+    @property
+    def member_id(self) -> str:
+        return self._member.id if self._member is not None else ""
+
+    def assignment(self) -> frozenset[TopicPartition]:
+        return frozenset(self._member.assigned) if self._member is not None else frozenset()
+
+    def _alive(self) -> tuple[_Group, _Member]:
+        b = self._broker
+        if self._member is None:
+            raise InvalidArgument("consumer has not joined its group (call join() first)")
+        g = b._group(self._group_name)
+        b._expire(g)
+        m = self._member
+        if g.members.get(m.id) is not m:
+            # Declared dead (session timeout) or closed: come back as new.
+            log.warning("group %s: member %s rejoins after being removed", g.name, m.id)
+            m.lost |= m.assigned
+            m.assigned.clear()
+            m.revoking.clear()
+            m.reported.clear()
+            m.fresh.clear()
+            g.members[m.id] = m
+            b._rebalance(g)
+        m.last_seen = _now()
+        return g, m
+
+    async def join(self) -> None:
+        b = self._broker
+        for t in self._topics:
+            if t not in b._logs:
+                b.create_topic(t)
+        m = _Member(f"{self._group_name}-member-{next(b._member_ids)}", self._topics, _now())
+        self._member = m
+        g = b._group(self._group_name)
+        g.members[m.id] = m
+        b._rebalance(g)
+        await trio.lowlevel.checkpoint()
+
+    async def fetch(self, max_records: int, max_wait: float) -> Fetch:
+        b = self._broker
+        deadline = trio.current_time() + max_wait
+        if b.faults.fetch_delay:
+            await trio.sleep(b.faults.fetch_delay)
+        while True:
+            g, m = self._alive()
+            fetch = self._collect(g, m, max_records)
+            if fetch.chunks or fetch.assigned or fetch.revoked or fetch.lost:
+                return fetch
+            # No await between the collect and here: nothing can change.
+            changed = b._change_event()
+            with trio.move_on_at(deadline):
+                await changed.wait()
+            if trio.current_time() >= deadline:
+                return self._collect(*self._alive(), max_records)
+
+    def _collect(self, g: _Group, m: _Member, max_records: int) -> Fetch:
+        b = self._broker
+        assigned, m.fresh = frozenset(m.fresh), set()
+        lost, m.lost = frozenset(m.lost), set()
+        revoked = frozenset(m.revoking - m.reported)
+        m.reported |= revoked
+        active = sorted(m.assigned - m.revoking)
+        faults, rng = b.faults, b._rng
+        if faults.redeliver and active and rng.random() < faults.redeliver:
+            tp = rng.choice(active)
+            m.position[tp] = min(m.position[tp], g.committed.get(tp, 0))
+        chunks: list[tuple[TopicPartition, Sequence[Message]]] = []
+        left = max(max_records, 0)
+        if active and left:
+            # Equal shares first, from a rotating start, then what is left.
+            share = max(1, left // len(active))
+            start = m.cursor % len(active)
+            m.cursor += 1
+            order = active[start:] + active[:start]
+            for budget_pass in (share, None):
+                for tp in order:
+                    if not left:
+                        break
+                    log_ = b._logs[tp.topic][tp.partition]
+                    pos = m.position[tp]
+                    take = min(left, budget_pass or left, len(log_) - pos)
+                    if take <= 0:
+                        continue
+                    chunk = log_[pos : pos + take]
+                    m.position[tp] = pos + take
+                    left -= take
+                    if faults.duplicate and rng.random() < faults.duplicate:
+                        chunk = [*chunk, chunk[-1]]
+                    chunks.append((tp, chunk))
+        ends = {tp: len(b._logs[tp.topic][tp.partition]) for tp in m.assigned}
+        at_end = all(m.position[tp] >= ends[tp] for tp in active)
+        subscribed = sum(len(b._logs.get(t, ())) for t in m.topics)
+        settled = not g.pending and not m.revoking and len(g.owner) >= subscribed
+        return Fetch(chunks, assigned, revoked, lost, ends, at_end, settled)
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        g, m = self._alive()
+        b = self._broker
+        for tp, offset in offsets.items():
+            if g.owner.get(tp) != m.id:
+                raise NotAssigned(
+                    f"group {g.name}: {m.id} does not own {tp.topic}/{tp.partition}; "
+                    "it was reassigned in a rebalance"
+                )
+            end = len(b._logs[tp.topic][tp.partition])
+            if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= end:
+                raise InvalidArgument(f"offset {offset!r} for {tp} is outside 0..{end}")
+        g.committed.update(offsets)
+        b._persist_offsets()
+        await trio.lowlevel.checkpoint()
+
+    async def heartbeat(self) -> None:
+        self._alive()
+        await trio.lowlevel.checkpoint()
+
+    async def release(self, partitions: Collection[TopicPartition]) -> None:
+        g, m = self._alive()
+        b = self._broker
+        for tp in partitions:
+            if tp not in m.revoking:
+                continue
+            m.revoking.discard(tp)
+            m.reported.discard(tp)
+            m.assigned.discard(tp)
+            m.position.pop(tp, None)
+            del g.owner[tp]
+            target = g.pending.pop(tp, None)
+            if target is not None and target in g.members:
+                b._give(g, tp, g.members[target])
+        b._rebalance(g)
+        await trio.lowlevel.checkpoint()
+
+    async def close(self) -> None:
+        if self._member is None:
+            return
+        b = self._broker
+        g = b._group(self._group_name)
+        if g.members.get(self._member.id) is self._member:
+            b._drop(g, self._member)
+            b._rebalance(g)
+        self._member = None
+        await trio.lowlevel.checkpoint()

@@ -1,0 +1,79 @@
+"""The message a handler receives, and the rules for what producers may send."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import TypeAlias
+
+from keylane.errors import InvalidArgument, InvalidType
+
+KeyLike: TypeAlias = bytes | bytearray | memoryview | str
+ValueLike: TypeAlias = bytes | bytearray | memoryview | str
+HeaderValue: TypeAlias = bytes | bytearray | memoryview | str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """One record of a topic, as delivered to a handler.
+
+    ``attempt`` is 0 on first delivery and grows with each retry;
+    ``timestamp`` is when it was produced, in seconds since the Unix epoch.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Mapping[str, bytes]
+    timestamp: float
+    attempt: int = 0
+
+    def header(self, name: str, default: bytes | None = None) -> bytes | None:
+        """A header's value, or ``default``."""
+        return self.headers.get(name, default)
+
+
+def _as_bytes(value: object, what: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidArgument(f"{what} str cannot be encoded as UTF-8 ({e})") from None
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise InvalidType(
+        f"{what} must be bytes, bytearray, memoryview or str, not {type(value).__name__}"
+    )
+
+
+def encode_key(key: object) -> bytes | None:
+    """A produce key as bytes (str is UTF-8), or None for a key-less record."""
+    return None if key is None else _as_bytes(key, "key")
+
+
+def encode_value(value: object) -> bytes:
+    """A produce value as bytes (str is UTF-8). None is refused: a record
+    always has a value, possibly empty."""
+    if value is None:
+        raise InvalidType("value must be bytes or str (use b'' for an empty value), not None")
+    return _as_bytes(value, "value")
+
+
+def encode_headers(headers: Mapping[str, HeaderValue] | None) -> dict[str, bytes]:
+    """Headers as ``dict[str, bytes]``; str values are UTF-8 encoded."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise InvalidType(
+            f"headers must be a mapping of str to bytes/str, not {type(headers).__name__}"
+        )
+    out: dict[str, bytes] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str):
+            raise InvalidType(f"header names must be str, not {type(name).__name__}")
+        out[name] = _as_bytes(value, f"header {name!r}")
+    return out

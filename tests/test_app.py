@@ -1,0 +1,648 @@
+"""keylane.App on the MemoryBroker: order, failures, shutdown, rebalance."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import random
+from collections import Counter
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+import trio.lowlevel
+
+import keylane
+from keylane import App, MemoryBroker, Message, RetryPolicy
+from keylane.brokers import TopicPartition
+
+from .conftest import OrderChecker, end_offsets, produce_many, wait_until
+
+FAST_RETRY = RetryPolicy(
+    max_attempts=3, backoff_base=0.01, backoff_factor=2, backoff_max=0.05, jitter=0
+)
+
+
+def make_app(broker: MemoryBroker, **kw: Any) -> App:
+    kw.setdefault("topics", ["payments"])
+    kw.setdefault("group", "wallet")
+    kw.setdefault("commit_interval", 0.05)
+    return App(broker, **kw)
+
+
+def test_the_readme_example_runs_until_idle() -> None:
+    """The code from the issue, verbatim apart from the handler body."""
+    broker = keylane.MemoryBroker(partitions=12)
+    for i in range(1000):
+        broker.produce("payments", key=f"acct-{i % 50}", value=b"...", headers={"version": str(i)})
+
+    app = keylane.App(broker, topics=["payments"], group="wallet", ordering="key", concurrency=256)
+    seen: list[Message] = []
+
+    @app.handler
+    async def handle(msg: keylane.Message) -> None:
+        seen.append(msg)
+
+    trio.run(functools.partial(app.run, until_idle=True))
+    assert len(seen) == 1000
+    m = seen[0]
+    assert (type(m.topic), type(m.partition), type(m.offset)) == (str, int, int)
+    assert m.key is not None
+    assert m.key.startswith(b"acct-")
+    assert (m.value, m.attempt) == (b"...", 0)
+    assert isinstance(m.headers["version"], bytes)
+    assert broker.committed("wallet") == end_offsets(broker, "payments")
+    stats = app.stats()
+    assert (stats["consumed"], stats["handled"], stats["failed"]) == (1000, 1000, 0)
+
+
+async def test_per_key_order_with_many_workers_and_random_latency(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    broker = MemoryBroker(partitions=12)
+    produce_many(broker, "payments", 3000, keys=40)
+    app = make_app(broker, concurrency=128)
+    checker = OrderChecker()
+    rng = random.Random(1)
+    concurrent = [0, 0]
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        checker.start(msg)
+        concurrent[0] += 1
+        concurrent[1] = max(concurrent)
+        await trio.sleep(rng.random() * 0.01)
+        concurrent[0] -= 1
+        checker.end(msg)
+
+    await app.run(until_idle=True)
+    assert checker.count == 3000
+    checker.assert_ordered()
+    assert concurrent[1] >= 20, "keys ran in parallel"
+    assert broker.committed("wallet") == end_offsets(broker, "payments")
+
+
+@pytest.mark.parametrize(("ordering", "limit"), [("total", 1), ("partition", 4), ("none", 64)])
+async def test_other_orderings_bound_concurrency(
+    autojump_clock: trio.abc.Clock, ordering: str, limit: int
+) -> None:
+    broker = MemoryBroker(partitions=4)
+    produce_many(broker, "payments", 400, keys=20)
+    app = make_app(broker, ordering=ordering, concurrency=64)
+    running, peak = [0], [0]
+    per_partition: dict[int, list[int]] = {}
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await trio.sleep(0.001)
+        running[0] -= 1
+        per_partition.setdefault(msg.partition, []).append(msg.offset)
+
+    await app.run(until_idle=True)
+    assert peak[0] == limit
+    if ordering != "none":
+        for offsets in per_partition.values():
+            assert offsets == sorted(offsets)
+
+
+@pytest.mark.parametrize("record_versions", ["each", "batched"])
+async def test_crash_and_restart_loses_nothing_and_applies_nothing_twice(
+    thread_safe_clock: trio.abc.Clock, tmp_path: pathlib.Path, record_versions: str
+) -> None:
+    # Coarse timings: this clock jumps only after real idleness (the
+    # version flush runs in a thread), so fewer distinct wake-ups run faster.
+    broker = MemoryBroker(partitions=6, session_timeout=1)
+    produce_many(broker, "payments", 600, keys=30)
+    applied: dict[bytes | None, list[int]] = {}
+    handled: set[tuple[int, int]] = set()
+
+    def handler_for(app: App) -> None:
+        @app.handler
+        async def handle(msg: Message) -> None:
+            await trio.sleep(0.05)
+            handled.add((msg.partition, msg.offset))
+            applied.setdefault(msg.key, []).append(int(msg.headers["version"]))
+
+    options = {"versions": tmp_path / "v", "concurrency": 32, "record_versions": record_versions}
+    first = make_app(broker, commit_interval=0.2, **options)
+    handler_for(first)
+    async with trio.open_nursery() as n:
+        n.start_soon(first.run)
+        # Mid-stream, after a few commits: some work is committed, some
+        # handled but not committed yet, most not started.
+        await wait_until(
+            lambda: first.stats()["handled"] >= 200 and first.stats()["commits"] >= 2, 0.05
+        )
+        first.abort()  # no final commit, no leaving the group
+    committed = sum(broker.committed("wallet").values())
+    assert 0 < committed < 600
+    with keylane.VersionTable(tmp_path / "v") as table:
+        recorded = {key: table.get(key) for key in applied}
+    before_crash = {key: list(v) for key, v in applied.items()}
+
+    second = make_app(broker, commit_interval=0.2, **options)
+    handler_for(second)
+    await second.run(until_idle=True)
+
+    # Nothing lost: every record was handled, and everything is committed.
+    everything = {(m.partition, m.offset) for p in range(6) for m in broker.records("payments", p)}
+    assert handled == everything
+    assert broker.committed("wallet") == end_offsets(broker, "payments")
+    # What the crash left uncommitted came again; versions it had recorded
+    # were dropped as stale instead of applied twice.
+    assert second.stats()["consumed"] >= 600 - committed
+    if record_versions == "each":
+        # Handled but not committed when it died: redelivered, and stale.
+        assert second.stats()["stale_dropped"] > 0
+    for key, versions in applied.items():
+        again = versions[len(before_crash.get(key, [])) :]
+        if record_versions == "each":
+            # Recorded as each handler returned: nothing applied twice.
+            assert versions == sorted(set(versions)), f"{key!r} applied {versions}"
+        else:
+            # Batched: only the window since the last flush can repeat.
+            floor = recorded[key] if recorded.get(key) is not None else -1
+            repeated = set(before_crash.get(key, [])) & set(again)
+            assert all(v > floor for v in repeated), f"{key!r} repeated recorded versions"
+            assert again == sorted(again), f"{key!r} applied {again} after the restart"
+
+
+async def test_retries_in_place_keep_the_key_blocked(autojump_clock: trio.abc.Clock) -> None:
+    broker = MemoryBroker(partitions=1)
+    broker.produce("payments", key="a", value="a1")
+    broker.produce("payments", key="a", value="a2")
+    broker.produce("payments", key="b", value="b1")
+    app = make_app(broker, retry=FAST_RETRY)
+    log: list[tuple[bytes, int]] = []
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        log.append((msg.value, msg.attempt))
+        if msg.value == b"a1" and msg.attempt < 2:
+            raise RuntimeError("flaky")
+
+    await app.run(until_idle=True)
+    assert [e for e in log if e[0].startswith(b"a")] == [
+        (b"a1", 0),
+        (b"a1", 1),
+        (b"a1", 2),
+        (b"a2", 0),
+    ]
+    # b was not held up by a's failures.
+    assert log.index((b"b1", 0)) < log.index((b"a1", 2))
+    stats = app.stats()
+    assert (stats["failed"], stats["retried"], stats["handled"]) == (2, 2, 3)
+
+
+async def test_exhausted_messages_go_to_the_dlq_and_release_the_key(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    broker = MemoryBroker(partitions=2)
+    broker.produce("payments", key="a", value="poison", headers={"version": "1"})
+    broker.produce("payments", key="a", value="next", headers={"version": "2"})
+    app = make_app(broker, retry=FAST_RETRY, dlq="payments.dlq")
+    handled: list[bytes] = []
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        if msg.value == b"poison":
+            raise ValueError("cannot parse")
+        handled.append(msg.value)
+
+    await app.run(until_idle=True)
+    assert handled == [b"next"]
+    assert app.stats()["dead_lettered"] == 1
+    (dead,) = [m for p in range(2) for m in broker.records("payments.dlq", p)]
+    record = msgpack.unpackb(dead.value)
+    assert record["format"] == 1
+    assert (record["topic"], record["value"], record["attempts"], record["group"]) == (
+        "payments",
+        b"poison",
+        3,
+        "wallet",
+    )
+    assert record["key"] == b"a"
+    assert record["headers"] == {"version": b"1"}
+    assert record["error_type"] == "builtins.ValueError"
+    assert "cannot parse" in record["error"]
+    assert dead.key == b"a"
+    assert broker.committed("wallet") == end_offsets(broker, "payments")
+
+
+async def test_without_a_dlq_skip_gives_up_and_block_keeps_trying(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    broker = MemoryBroker(partitions=1)
+    broker.produce("payments", key="a", value="bad")
+    broker.produce("payments", key="a", value="good")
+    skipping = make_app(broker, group="s", retry=FAST_RETRY, on_exhausted="skip")
+
+    @skipping.handler
+    async def fail_bad(msg: Message) -> None:
+        if msg.value == b"bad":
+            raise RuntimeError("no")
+
+    await skipping.run(until_idle=True)
+    assert skipping.stats()["skipped"] == 1
+    assert broker.committed("s") == {TopicPartition("payments", 0): 2}
+
+    blocking = make_app(broker, group="b", retry=FAST_RETRY)
+    attempts: list[int] = []
+
+    @blocking.handler
+    async def fail_bad_then_recover(msg: Message) -> None:
+        if msg.value == b"bad":
+            attempts.append(msg.attempt)
+            if msg.attempt < 6:  # a dependency that comes back after a while
+                raise RuntimeError("still down")
+
+    await blocking.run(until_idle=True)
+    assert attempts == list(range(7)), "kept retrying past max_attempts, at backoff_max"
+    assert blocking.stats()["skipped"] == 0
+    assert broker.committed("b") == {TopicPartition("payments", 0): 2}
+
+
+async def test_dlq_replay_is_rate_limited_and_stale_versions_are_dropped(
+    thread_safe_clock: trio.abc.Clock, tmp_path: pathlib.Path
+) -> None:
+    broker = MemoryBroker(partitions=3)
+    for i in range(20):
+        broker.produce("payments", key=f"k{i}", value="v", headers={"version": "5"})
+    app = make_app(
+        broker, retry=RetryPolicy(max_attempts=1), dlq="payments.dlq", versions=tmp_path / "v"
+    )
+    down = [True]
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        if down[0]:
+            raise ConnectionError("database down")
+
+    await app.run(until_idle=True)
+    assert app.stats()["dead_lettered"] == 20
+    # Meanwhile k0..k4 moved on to version 6: their replays are stale now.
+    down[0] = False
+    for i in range(5):
+        broker.produce("payments", key=f"k{i}", value="newer", headers={"version": "6"})
+    await app.run(until_idle=True)
+    start = trio.current_time()
+    assert await app.replay_dlq(rate=10, burst=2) == 20
+    # 20 records at 10/s with 2 banked: at least 1.8 s.
+    assert trio.current_time() - start >= 1.8
+    await app.run(until_idle=True)
+    stats = app.stats()
+    assert stats["stale_dropped"] == 5
+    replayed = [
+        m
+        for p in range(3)
+        for m in broker.records("payments", p)
+        if "keylane-replay-of" in m.headers
+    ]
+    assert len(replayed) == 20
+    assert all(m.headers["version"] == b"5" for m in replayed)
+    # A second replay finds nothing new.
+    assert await app.replay_dlq(rate=10) == 0
+
+
+async def test_stop_lets_running_handlers_finish_and_commits(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    broker = MemoryBroker(partitions=2)
+    produce_many(broker, "payments", 50, keys=50)
+    app = make_app(broker, concurrency=8, shutdown_timeout=10)
+    finished: list[int] = []
+
+    finished_at: set[tuple[int, int]] = set()
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        await trio.sleep(1)
+        finished.append(msg.offset)
+        finished_at.add((msg.partition, msg.offset))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(app.run)
+        await trio.sleep(0.5)  # 8 handlers are mid-way
+        app.stop()
+    assert len(finished) == 8, "the running ones finished, nothing new started"
+    # Committed per partition: up to the lowest offset not finished.
+    for p in range(2):
+        mark = 0
+        while (p, mark) in finished_at:
+            mark += 1
+        assert broker.committed("wallet").get(TopicPartition("payments", p), 0) == mark
+
+
+async def test_shutdown_timeout_cancels_stuck_handlers(autojump_clock: trio.abc.Clock) -> None:
+    broker = MemoryBroker(partitions=1)
+    broker.produce("payments", key="a", value="x")
+    app = make_app(broker, shutdown_timeout=2)
+    cancelled: list[bool] = []
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append(True)
+            raise
+
+    async with trio.open_nursery() as n:
+        await n.start(app.run)
+        await trio.sleep(0.1)
+        start = trio.current_time()
+        app.stop()
+    assert cancelled == [True]
+    assert trio.current_time() - start == pytest.approx(2, abs=0.2)
+    assert broker.committed("wallet").get(TopicPartition("payments", 0), 0) == 0
+
+
+async def test_cancelling_run_is_clean_and_commits(autojump_clock: trio.abc.Clock) -> None:
+    broker = MemoryBroker(partitions=2)
+    produce_many(broker, "payments", 100, keys=10)
+    app = make_app(broker)
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        await trio.sleep(0.01)
+
+    with trio.move_on_after(0.3):
+        await app.run()
+    assert 0 < sum(broker.committed("wallet").values()) <= 100
+    assert broker.assignment("wallet") == {}, "left the group"
+    # It can run again afterwards.
+    await app.run(until_idle=True)
+    assert broker.committed("wallet") == end_offsets(broker, "payments")
+
+
+async def test_rebalance_between_two_apps_in_one_group(autojump_clock: trio.abc.Clock) -> None:
+    broker = MemoryBroker(partitions=6, session_timeout=5)
+    produce_many(broker, "payments", 3000, keys=60)
+    overlap = OrderChecker()  # across both apps: is a key ever run twice at once?
+    orders = {"a": OrderChecker(), "b": OrderChecker()}  # per app: in order?
+    handled: set[tuple[int, int]] = set()
+
+    def app_named(name: str) -> App:
+        # A small capacity, so a is mid-backlog when b joins.
+        app = make_app(broker, concurrency=16, capacity=100, fetch_max=50)
+
+        @app.handler
+        async def handle(msg: Message) -> None:
+            overlap.start(msg)
+            orders[name].start(msg)
+            await trio.sleep(0.01)
+            orders[name].end(msg)
+            overlap.end(msg)
+            handled.add((msg.partition, msg.offset))
+
+        return app
+
+    a, b = app_named("a"), app_named("b")
+    async with trio.open_nursery() as n:
+        await n.start(a.run)
+        await trio.sleep(0.2)  # a is mid-stream when b joins
+        await n.start(functools.partial(b.run, until_idle=True))
+        await wait_until(lambda: sum(broker.committed("wallet").values()) >= 3000, 0.1)
+        a.stop()
+    assert overlap.overlaps == [], "a key ran on both members at once"
+    for checker in orders.values():
+        checker.assert_ordered()
+    assert orders["a"].count > 0
+    assert orders["b"].count > 0
+    assert len(handled) == 3000
+    # Handing over at the committed watermark redelivers at most what the
+    # old owner had handled above it (a few per partition), never skips.
+    assert overlap.count - 3000 < 600
+    assert broker.committed("wallet") == end_offsets(broker, "payments")
+
+
+async def test_backpressure_keeps_memory_bounded(autojump_clock: trio.abc.Clock) -> None:
+    broker = MemoryBroker(partitions=4)
+    app = make_app(broker, capacity=200, concurrency=4, fetch_max=64)
+    peak = [0]
+
+    @app.handler
+    async def slow(msg: Message) -> None:
+        s = app.stats()
+        peak[0] = max(peak[0], s["queued"] + s["in_flight"])
+        await trio.sleep(0.01)
+
+    async def producer() -> None:
+        for i in range(3000):
+            broker.produce("payments", key=f"k{i % 100}", value=b"x")
+            if i % 100 == 0:
+                await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as n:
+        await n.start(app.run)
+        n.start_soon(producer)
+        await wait_until(lambda: sum(broker.committed("wallet").values()) >= 3000, 0.5)
+        app.stop()
+    assert 0 < peak[0] <= 200
+
+
+async def test_versions_drop_stale_and_record_only_successes(
+    thread_safe_clock: trio.abc.Clock, tmp_path: pathlib.Path
+) -> None:
+    broker = MemoryBroker(partitions=1)
+    for v in (5, 6, 5, 7, 3):  # the [5, 6, 5] redelivery, then a late old one
+        broker.produce("payments", key="acct", value=str(v), headers={"version": str(v)})
+    broker.produce("payments", key="acct", value="boom", headers={"version": "8"})
+    broker.produce("payments", key="other", value="unversioned")
+    app = make_app(broker, versions=tmp_path / "v", retry=RetryPolicy(max_attempts=1), dlq="dlq")
+    handled: list[bytes] = []
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        if msg.value == b"boom":
+            raise RuntimeError("failed")
+        handled.append(msg.value)
+
+    await app.run(until_idle=True)
+    assert [v for v in handled if v != b"unversioned"] == [b"5", b"6", b"7"]
+    assert b"unversioned" in handled
+    assert app.stats()["stale_dropped"] == 2
+    with keylane.VersionTable(tmp_path / "v") as table:
+        assert table.get(b"acct") == 7, "the failed version 8 was not recorded"
+
+
+async def test_bad_version_header_is_dead_lettered_at_once(
+    thread_safe_clock: trio.abc.Clock, tmp_path: pathlib.Path
+) -> None:
+    broker = MemoryBroker(partitions=1)
+    broker.produce("payments", key="acct", value="x", headers={"version": "seven"})
+    app = make_app(broker, versions=tmp_path / "v", dlq="dlq", retry=FAST_RETRY)
+    calls: list[Message] = []
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        calls.append(msg)
+
+    await app.run(until_idle=True)
+    assert calls == []
+    (dead,) = broker.records("dlq", 0)
+    record = msgpack.unpackb(dead.value)
+    assert record["attempts"] == 1
+    assert "not a decimal integer" in record["error"]
+
+
+async def test_dedupe_skips_seen_ids(
+    thread_safe_clock: trio.abc.Clock, tmp_path: pathlib.Path
+) -> None:
+    broker = MemoryBroker(partitions=2)
+    for i, mid in enumerate(["m1", "m2", "m1", "m3", "m2"]):
+        broker.produce("payments", key=f"k{i}", value=mid, headers={"id": mid})
+    broker.produce("payments", key="k9", value="no id")
+    app = make_app(broker, versions=tmp_path / "v", dedupe=3600)
+    handled: list[bytes] = []
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        handled.append(msg.value)
+
+    await app.run(until_idle=True)
+    assert sorted(handled) == [b"m1", b"m2", b"m3", b"no id"]
+    assert app.stats()["duplicates_skipped"] == 2
+
+
+async def test_redelivered_and_duplicated_records_are_not_handled_twice(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    broker = MemoryBroker(partitions=3, faults=keylane.Faults(redeliver=0.3, duplicate=0.3, seed=3))
+    produce_many(broker, "payments", 600, keys=12)
+    app = make_app(broker, fetch_max=50)
+    calls: Counter[tuple[int, int]] = Counter()
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        calls[(msg.partition, msg.offset)] += 1
+
+    await app.run(until_idle=True)
+    assert len(calls) == 600
+    assert set(calls.values()) == {1}
+    assert app.stats()["redelivered_dropped"] > 0
+
+
+async def test_a_failing_handler_never_kills_the_app(autojump_clock: trio.abc.Clock) -> None:
+    broker = MemoryBroker(partitions=2)
+    produce_many(broker, "payments", 100, keys=10)
+    app = make_app(broker, retry=RetryPolicy(max_attempts=1), on_exhausted="skip")
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        raise KeyError("every single time")
+
+    await app.run(until_idle=True)
+    assert app.stats()["skipped"] == 100
+
+
+async def test_stats_and_prometheus_registry(autojump_clock: trio.abc.Clock) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    registry = prometheus_client.CollectorRegistry()
+    broker = MemoryBroker(partitions=2)
+    produce_many(broker, "payments", 64, keys=4)
+    app = make_app(broker, metrics=registry)
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        await trio.sleep(0.001)
+
+    await app.run(until_idle=True)
+    stats = app.stats()
+    expected = {"consumed", "handled", "failed", "retried", "dead_lettered", "stale_dropped"}
+    expected |= {"duplicates_skipped", "in_flight", "queued", "lag", "handler_latency"}
+    assert expected | {"dispatch_latency"} <= set(stats)
+    assert stats["handler_latency"]["count"] >= 1
+    assert stats["dispatch_latency"]["count"] >= 1
+    # The collector is detached once the run ends; attach a fresh one to read.
+    sink = keylane.Prometheus(registry=registry)
+    detach = sink.attach(app._metrics, "wallet")
+    text = prometheus_client.generate_latest(registry).decode()
+    detach()
+    assert 'keylane_handled_total{group="wallet"} 64.0' in text
+    assert "keylane_handler_latency_seconds_bucket" in text
+
+
+# ---- bad configuration ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"topics": []}, "topics"),
+        ({"topics": "payments"}, "topics"),
+        ({"group": ""}, "group"),
+        ({"ordering": "sometimes"}, "ordering"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"concurrency": 2.5}, "concurrency"),
+        ({"capacity": -1}, "capacity"),
+        ({"retry": 3}, "retry"),
+        ({"dlq": "payments"}, "loop back"),
+        ({"on_exhausted": "ignore"}, "on_exhausted"),
+        ({"shutdown_timeout": 0}, "shutdown_timeout"),
+        ({"commit_interval": float("nan")}, "commit_interval"),
+        ({"dedupe": True}, "dedupe needs versions"),
+        ({"version_of": lambda m: 1}, "need versions"),
+        ({"versions": 42}, "versions must be"),
+        ({"metrics": "yes"}, "metrics must be"),
+    ],
+)
+def test_bad_options_raise_config_errors(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(keylane.ConfigError, match=match) as info:
+        make_app(MemoryBroker(), **kwargs)
+    assert isinstance(info.value, ValueError)
+
+
+def test_retry_policy_validation() -> None:
+    with pytest.raises(keylane.ConfigError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(keylane.ConfigError, match="backoff_factor"):
+        RetryPolicy(backoff_factor=0.5)
+    with pytest.raises(keylane.ConfigError, match="jitter"):
+        RetryPolicy(jitter=2)
+    with pytest.raises(keylane.ConfigError, match="backoff_base"):
+        RetryPolicy(backoff_base=float("inf"))
+    p = RetryPolicy(backoff_base=0.1, backoff_factor=2, backoff_max=1, jitter=0)
+    assert [p.delay(n) for n in (1, 2, 3, 4, 5, 10_000)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    jittered = RetryPolicy(backoff_base=1, jitter=0.5, backoff_max=10)
+    delays = {jittered.delay(1, random.Random(s)) for s in range(50)}
+    assert all(0.5 <= d <= 1.5 for d in delays)
+    assert len(delays) > 10
+    assert not p.exhausted(4)
+    assert p.exhausted(5)
+
+
+def test_handler_must_be_async_and_single() -> None:
+    app = make_app(MemoryBroker())
+
+    def sync_handler(msg: Message) -> None: ...
+
+    with pytest.raises(keylane.InvalidType, match="async function"):
+        app.handler(sync_handler)  # type: ignore[arg-type]
+
+    class Callable:
+        async def __call__(self, msg: Message) -> None: ...
+
+    app.handler(Callable())
+    with pytest.raises(keylane.ConfigError, match="already has a handler"):
+
+        @app.handler
+        async def second(msg: Message) -> None: ...
+
+
+async def test_run_needs_a_handler_and_runs_once(autojump_clock: trio.abc.Clock) -> None:
+    app = make_app(MemoryBroker())
+    with pytest.raises(keylane.ConfigError, match="no handler"):
+        await app.run()
+
+    @app.handler
+    async def handle(msg: Message) -> None: ...
+
+    async with trio.open_nursery() as n:
+        await n.start(app.run)
+        with pytest.raises(keylane.ConfigError, match="already running"):
+            await app.run()
+        app.stop()
