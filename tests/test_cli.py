@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
 from click.testing import CliRunner
 
 import keylane
@@ -77,3 +86,134 @@ def test_inspect_refuses_missing_tables_without_creating_them(tmp_path) -> None:
     assert result.exit_code == 1
     assert "no keylane version table" in result.output
     assert not missing.exists()
+
+
+# ---- keylane run / dlq replay / bench -----------------------------------------------------
+
+SERVICE = textwrap.dedent(
+    """
+    import sys, trio, keylane
+
+    broker = keylane.MemoryBroker(partitions=4, persist_dir="{state}")
+    if not broker.topics():
+        for i in range(400):
+            broker.produce("jobs", key=f"k{{i % 20}}", value=str(i), headers={{"version": str(i)}})
+    app = keylane.App(broker, topics=["jobs"], group="svc", concurrency=8, dlq="jobs.dlq",
+                      retry=keylane.RetryPolicy(max_attempts=1), commit_interval=0.1)
+
+    @app.handler
+    async def handle(msg):
+        if msg.value.endswith(b"7"):
+            raise ValueError("sevens fail")
+        await trio.sleep({sleep})
+    """
+)
+
+
+def _service(tmp_path, sleep: float) -> tuple[dict[str, str], str]:  # type: ignore[no-untyped-def]
+    state = tmp_path / "broker"
+    (tmp_path / "svc.py").write_text(SERVICE.format(state=state, sleep=sleep))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    return env, str(state)
+
+
+def _wait_for(proc: subprocess.Popen[str], text: str, timeout: float = 60) -> list[str]:
+    assert proc.stderr is not None
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never appeared:\n{''.join(lines)}")
+
+
+def test_run_stops_gracefully_on_sigint_and_commits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env, state = _service(tmp_path, sleep=0.01)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keylane.cli", "run", "svc:app", "--log-level", "info"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(proc, "assigned")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, rest
+    assert "SIGINT received" in rest
+    assert "stopped;" in rest
+    broker = keylane.MemoryBroker(partitions=4, persist_dir=state)
+    committed = broker.committed("svc")
+    assert sum(committed.values()) > 0, "offsets were committed before exit"
+    assert broker.assignment("svc") == {}
+
+
+def test_run_second_signal_forces(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env, _ = _service(tmp_path, sleep=30)  # handlers that would take far too long
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keylane.cli", "run", "svc:app"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(proc, "assigned")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(proc, "stopping")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, rest
+    assert "forced stop" in rest
+    assert time.monotonic() - started < 20, "did not wait for the 30 s handlers"
+
+
+def test_run_refuses_bad_targets(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "notapp.py").write_text("app = 42\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for target, message in [
+        ("nocolon", "module:attribute"),
+        ("missing_module:app", "cannot import"),
+        ("notapp:nothing", "no attribute"),
+        ("notapp:app", "is a int, not a keylane.App"),
+    ]:
+        result = invoke(["run", target])
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+
+
+def test_dlq_replay_command(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env, _ = _service(tmp_path, sleep=0)
+    code = (
+        "import trio, functools, svc\n"
+        "trio.run(functools.partial(svc.app.run, until_idle=True))\n"
+        "trio.run(svc.broker.aclose)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "keylane.cli", "dlq", "replay", "svc:app", "--rate", "500"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # 400 values, those ending in 7 failed: 40 dead letters.
+    assert result.stdout.strip() == "replayed 40 dead letters from jobs.dlq"
+
+
+def test_bench_command_small(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "bench.json"
+    result = invoke(["bench", "-n", "3000", "--keys", "100", "--rounds", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "keylane: " in result.output
+    assert "naive pure-Python runtime: " in result.output
+    assert "target: >= 300,000 msg/s" in result.output
+    data = json.loads(out.read_text())
+    assert data["workload"]["messages"] == 3000
+    assert len(data["keylane_seconds"]) == 1
+    assert data["keylane_msg_per_s"] > 0

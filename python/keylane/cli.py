@@ -7,11 +7,15 @@ Every option can also come from the environment: ``KEYLANE_<COMMAND>_<OPTION>``
 
 from __future__ import annotations
 
+import importlib
+import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
+import trio
 
 import keylane
 
@@ -127,6 +131,173 @@ def inspect(path: Path, limit: int) -> None:
                 if i >= limit:
                     break
                 out.write(f"  {_show_key(key)}\t{version}\n")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def load_app(target: str) -> keylane.App:
+    """The App at ``module:attribute`` (the module imported from the current
+    directory or sys.path)."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise click.BadParameter(f"{target!r} is not module:attribute (for example service:app)")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise click.BadParameter(f"cannot import {module_name!r}: {e}") from None
+    obj: object = module
+    missing = object()
+    for part in attr.split("."):
+        obj = getattr(obj, part, missing)
+        if obj is missing:
+            raise click.BadParameter(f"{module_name!r} has no attribute {attr!r}")
+    if not isinstance(obj, keylane.App):
+        raise click.BadParameter(f"{target} is a {type(obj).__name__}, not a keylane.App")
+    return obj
+
+
+@main.command(name="run")
+@click.argument("target")
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="INFO",
+    show_envvar=True,
+    help="Level of keylane's (and the root) logger.",
+)
+def run_command(target: str, log_level: str) -> None:
+    """Runs the keylane.App at TARGET (module:attribute) until SIGINT or
+    SIGTERM: the first stops it gracefully (running handlers finish, offsets
+    are committed), a second forces it."""
+    _setup_logging(log_level.upper())
+    app = load_app(target)
+    trio.run(app.run)
+
+
+@main.group()
+def dlq() -> None:
+    """Dead-letter queue tools."""
+
+
+@dlq.command(name="replay")
+@click.argument("target")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=100.0,
+    show_envvar=True,
+    help="Messages per second.",
+)
+@click.option(
+    "--burst",
+    type=click.IntRange(min=1),
+    default=None,
+    show_envvar=True,
+    help="Messages that may go at once (default: one second's worth).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=None,
+    show_envvar=True,
+    help="Replay at most this many.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="INFO",
+    show_envvar=True,
+)
+def dlq_replay(
+    target: str, rate: float, burst: int | None, limit: int | None, log_level: str
+) -> None:
+    """Re-produces the dead letters of the App at TARGET to their original
+    topics, rate-limited, with their original headers (versions included)."""
+    _setup_logging(log_level.upper())
+    app = load_app(target)
+    count = trio.run(lambda: app.replay_dlq(rate=rate, burst=burst, limit=limit))
+    click.echo(f"replayed {count} dead letters from {app.dlq}")
+
+
+@main.command()
+@click.option("--messages", "-n", type=click.IntRange(min=1), default=1_000_000, show_envvar=True)
+@click.option("--keys", type=click.IntRange(min=1), default=10_000, show_envvar=True)
+@click.option("--partitions", type=click.IntRange(min=1), default=12, show_envvar=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=256, show_envvar=True)
+@click.option(
+    "--ordering",
+    type=click.Choice(["key", "partition", "total", "none"]),
+    default="key",
+    show_envvar=True,
+)
+@click.option(
+    "--handler-sleep",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_envvar=True,
+    help="Seconds each handler sleeps (0: a no-op handler).",
+)
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_envvar=True)
+@click.option(
+    "--baseline/--no-baseline",
+    default=True,
+    show_envvar=True,
+    help="Also run the naive pure-Python runtime, in alternating rounds.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the results to this file.",
+)
+@click.option(
+    "--gc-freeze/--no-gc-freeze",
+    default=True,
+    show_envvar=True,
+    help="Move the produced messages out of the cyclic GC's sight before timing.",
+)
+@click.option("--check", is_flag=True, help="Exit 1 if the throughput target is missed.")
+def bench(
+    messages: int,
+    keys: int,
+    partitions: int,
+    concurrency: int,
+    ordering: str,
+    handler_sleep: float,
+    rounds: int,
+    baseline: bool,
+    json_path: Path | None,
+    gc_freeze: bool,
+    check: bool,
+) -> None:
+    """Measures keylane's runtime on the in-memory broker: messages per
+    second from the first fetch to the last commit, against a naive
+    pure-Python runtime in the same run."""
+    from keylane.bench import report, runner
+    from keylane.bench.workloads import Workload
+
+    workload = Workload(messages, keys, partitions, ordering, concurrency, handler_sleep)
+    click.echo(f"keylane bench: {workload.describe()}")
+    click.echo(f"machine: {report.machine()}")
+    result = runner.run(
+        workload, rounds=rounds, baseline=baseline, freeze_gc=gc_freeze, progress=click.echo
+    )
+    for line in report.summary(result):
+        click.echo(line)
+    if json_path is not None:
+        report.save(result, json_path)
+    if check and result.keylane_rate < runner.TARGET_MSG_PER_S:
+        sys.exit(1)
 
 
 def run() -> None:

@@ -1,0 +1,56 @@
+"""How `keylane bench` results are printed and saved."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from keylane.bench.runner import TARGET_MSG_PER_S, Result
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def summary(result: Result) -> list[str]:
+    lines = [f"keylane: {result.keylane_rate:,.0f} msg/s (median of {len(result.keylane)} rounds)"]
+    if result.naive_rate is not None and result.speedup is not None:
+        lines.append(
+            f"naive pure-Python runtime: {result.naive_rate:,.0f} msg/s; "
+            f"keylane is {result.speedup:.2f}x (median of per-round ratios)"
+        )
+    default = result.workload.handler_sleep == 0 and result.workload.ordering == "key"
+    if default:
+        verdict = "PASS" if result.keylane_rate >= TARGET_MSG_PER_S else "MISS"
+        lines.append(f"target: >= {TARGET_MSG_PER_S:,} msg/s with a no-op handler: {verdict}")
+    return lines
+
+
+def as_json(result: Result) -> dict[str, Any]:
+    w = result.workload
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "workload": {
+            "messages": w.messages,
+            "keys": w.keys,
+            "partitions": w.partitions,
+            "ordering": w.ordering,
+            "concurrency": w.concurrency,
+            "handler_sleep_s": w.handler_sleep,
+        },
+        "keylane_seconds": result.keylane,
+        "naive_seconds": result.naive,
+        "keylane_msg_per_s": result.keylane_rate,
+        "naive_msg_per_s": result.naive_rate,
+        "speedup": result.speedup,
+        "target_msg_per_s": TARGET_MSG_PER_S,
+    }
+
+
+def save(result: Result, path: Path) -> None:
+    path.write_text(json.dumps(as_json(result), indent=2) + "\n")

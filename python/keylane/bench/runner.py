@@ -1,0 +1,116 @@
+"""`keylane bench`: keylane's runtime against the naive one, round by round.
+
+Both consume the same messages (produced once into a MemoryBroker), each
+round as a fresh consumer group, in alternating order. A run is timed from
+the moment the consumer has joined (its first fetch follows at once) to the
+return of the run, after its last commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from keylane.app import App
+from keylane.bench.naive import run_naive
+from keylane.bench.workloads import TOPIC, Workload
+from keylane.brokers.memory import MemoryBroker
+
+TARGET_MSG_PER_S = 300_000
+
+
+@dataclasses.dataclass
+class Result:
+    workload: Workload
+    produce_s: float
+    keylane: list[float] = dataclasses.field(default_factory=list)
+    naive: list[float] = dataclasses.field(default_factory=list)
+
+    def rate(self, seconds: float) -> float:
+        return self.workload.messages / seconds
+
+    @property
+    def keylane_rate(self) -> float:
+        return self.rate(statistics.median(self.keylane))
+
+    @property
+    def naive_rate(self) -> float | None:
+        return self.rate(statistics.median(self.naive)) if self.naive else None
+
+    @property
+    def speedup(self) -> float | None:
+        if not self.naive:
+            return None
+        return statistics.median(n / k for n, k in zip(self.naive, self.keylane, strict=True))
+
+
+async def _timed(start: Callable[..., Awaitable[object]]) -> float:
+    async with trio.open_nursery() as n:
+        await n.start(start)
+        began = time.perf_counter()
+    return time.perf_counter() - began
+
+
+def _keylane_round(broker: MemoryBroker, w: Workload, group: str) -> float:
+    app = App(
+        broker,
+        topics=[TOPIC],
+        group=group,
+        ordering=w.ordering,  # type: ignore[arg-type]
+        concurrency=w.concurrency,
+    )
+    app.handler(w.handler())
+    run = functools.partial(app.run, until_idle=True, handle_signals=False)
+    elapsed = trio.run(_timed, run)
+    handled = app.stats()["handled"]
+    if handled != w.messages:
+        raise RuntimeError(f"keylane handled {handled} of {w.messages} messages")
+    return elapsed
+
+
+def _naive_round(broker: MemoryBroker, w: Workload, group: str) -> float:
+    run = functools.partial(run_naive, broker, TOPIC, group, w.handler(), concurrency=w.concurrency)
+    elapsed = trio.run(_timed, run)
+    if sum(broker.committed(group).values()) != w.messages:
+        raise RuntimeError("the naive runtime did not commit every message")
+    return elapsed
+
+
+def run(
+    workload: Workload,
+    *,
+    rounds: int = 3,
+    baseline: bool = True,
+    freeze_gc: bool = True,
+    progress: Callable[[str], None] = lambda line: None,
+) -> Result:
+    started = time.perf_counter()
+    broker = workload.broker()
+    result = Result(workload, time.perf_counter() - started)
+    progress(f"produced {workload.messages:,} messages in {result.produce_s:.1f} s")
+    # The produced messages live as long as the in-process broker; keep the
+    # collector from walking them over and over (a broker in another
+    # process would not cost that either). Both runtimes get the same.
+    gc.collect()
+    if freeze_gc:
+        gc.freeze()
+    try:
+        for r in range(1, rounds + 1):
+            result.keylane.append(_keylane_round(broker, workload, f"keylane-{r}"))
+            line = f"round {r}: keylane {result.rate(result.keylane[-1]):,.0f} msg/s"
+            if baseline:
+                result.naive.append(_naive_round(broker, workload, f"naive-{r}"))
+                line += (
+                    f" | naive {result.rate(result.naive[-1]):,.0f} msg/s"
+                    f" | {result.naive[-1] / result.keylane[-1]:.2f}x"
+                )
+            progress(line)
+    finally:
+        gc.unfreeze()
+    return result
