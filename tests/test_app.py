@@ -646,3 +646,32 @@ async def test_run_needs_a_handler_and_runs_once(autojump_clock: trio.abc.Clock)
         with pytest.raises(keylane.ConfigError, match="already running"):
             await app.run()
         app.stop()
+
+
+async def test_prometheus_http_endpoint(thread_safe_clock: trio.abc.Clock) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    broker = MemoryBroker(partitions=1)
+    produce_many(broker, "payments", 10, keys=2)
+    app = make_app(broker, metrics=keylane.Prometheus(port=port, addr="127.0.0.1"))
+    scraped: list[str] = []
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        if not scraped:
+            url = f"http://127.0.0.1:{port}/metrics"
+            body = await trio.to_thread.run_sync(
+                lambda: urllib.request.urlopen(url, timeout=10).read()
+            )
+            scraped.append(body.decode())
+
+    await app.run(until_idle=True)
+    assert 'keylane_consumed_total{group="wallet"} 10.0' in scraped[0]
+    assert 'keylane_lag{group="wallet",partition="0",topic="payments"}' in scraped[0]
+    # The server stopped with the run: nothing listens on the port any more.
+    with pytest.raises(OSError, match="all attempts to connect"):
+        await trio.open_tcp_stream("127.0.0.1", port)
