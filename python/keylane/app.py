@@ -230,6 +230,9 @@ class App:
         try:
             await self._run.main(task_status, handle_signals=handle_signals)
         finally:
+            # stats() after the run reports its last state, not a live view.
+            final = self._run.gauges()
+            self._metrics.gauges = lambda: final
             self._run = None
             if opened is not None:
                 opened.close()
