@@ -2,8 +2,8 @@
 
 Every exception keylane raises derives from :class:`KeylaneError`, and also
 from the built-in a caller would naturally catch (``ValueError`` for a bad
-value, ``TypeError`` for a bad type, ``OSError`` for storage, ``TimeoutError``
-for timeouts), so ``except ValueError`` keeps working.
+value, ``TypeError`` for a bad type, ``OSError`` for storage,
+``ConnectionError`` for brokers), so ``except ValueError`` keeps working.
 
 The native module raises these same classes (it imports them from here), so
 there is exactly one hierarchy.
@@ -18,7 +18,6 @@ __all__ = [
     "InvalidArgument",
     "InvalidType",
     "KeylaneError",
-    "KeylaneTimeout",
     "NotAssigned",
     "OffsetOrderError",
     "QueueFull",
@@ -72,10 +71,6 @@ class StoreFormatError(StoreError):
 class ConfigError(InvalidArgument):
     """An option of an App, a policy or a broker is invalid (the message says
     which and what is allowed)."""
-
-
-class KeylaneTimeout(KeylaneError, TimeoutError):
-    """An operation with a deadline did not finish in time."""
 
 
 class BrokerError(KeylaneError, ConnectionError):
