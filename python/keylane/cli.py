@@ -49,7 +49,7 @@ def _stdin_keys() -> Iterator[bytes]:
 def partition(partitions: int, from_stdin: bool, keys: tuple[str, ...]) -> None:
     """Print the partition Kafka's Java producer picks for each KEY.
 
-    Output is one ``KEY<TAB>PARTITION`` line per key, in input order.
+    Output is one KEY<TAB>PARTITION line per key, in input order.
     """
     if not keys and not from_stdin:
         raise click.UsageError("give at least one KEY, or --stdin")
