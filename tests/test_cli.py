@@ -68,9 +68,10 @@ def test_inspect_prints_counts_and_first_entries(tmp_path) -> None:  # type: ign
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == f"keylane version table {path}"
-    assert "format 1 (keylane " in lines[1]
+    assert "format 2 (keylane " in lines[1]
     assert "versions: 26 keys   values: 1 keys   seen ids: 1" in lines[2]
-    assert lines[3:] == [
+    assert lines[3] == "  journal: 0 records not yet folded into the B-tree", "close() folds"
+    assert lines[4:] == [
         "first 3 of 26 versions (key order):",
         "  acct-000\t0",
         "  acct-001\t1",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import pathlib
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -102,10 +104,35 @@ def test_reopen_keeps_data_and_context_manager_closes(tmp_path: pathlib.Path) ->
     with VersionTable(str(path)) as t2:
         assert t2.get(b"k") == 7
         info = t2.info()
-        assert info["format"] == 1
+        assert info["format"] == 2
         assert info["created_by"].startswith("keylane ")
         assert info["versions"] == 1
     assert repr(t2) == f"VersionTable('{path}', durable=True, closed)"
+
+
+def test_close_folds_the_journal_and_reopen_replays_an_unfolded_one(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "t"
+    with VersionTable(path, durable=False) as t:
+        t.check_and_set_many((f"k{i}", 1) for i in range(100))
+        t.check_and_set_many((f"k{i}", 2) for i in range(50))
+        assert t.info()["journal_records"] == 2
+    with VersionTable(path, durable=False) as t:
+        assert t.info()["journal_records"] == 0, "close() folded it"
+        assert t.get_many(["k0", "k99"]) == [2, 1]
+    # A process that dies without close() leaves its journal: it is read
+    # again on the next open.
+    script = (
+        "import os, sys\n"
+        "from keylane import VersionTable\n"
+        "t = VersionTable(sys.argv[1], durable=False)\n"
+        "t.check_and_set_many([('k0', 3), ('new', 1)])\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    with VersionTable(path, durable=False) as t:
+        assert t.info()["journal_records"] == 1
+        assert (t.get("k0"), t.get("new"), len(t)) == (3, 1, 101)
+        assert [k for k, _ in t.items()][:3] == [b"k0", b"k1", b"k10"]
 
 
 def test_full_map_raises_store_full_and_applies_nothing(tmp_path: pathlib.Path) -> None:
@@ -154,12 +181,17 @@ ops = st.lists(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(program=ops)
+@pytest.mark.parametrize(
+    "sizes",
+    [{}, {"journal_keys": 2, "cache_keys": 1}, {"journal_keys": 1, "cache_keys": 0}],
+    ids=["defaults", "small", "fold-each-commit"],
+)
 def test_matches_a_dict_model(
-    tmp_path_factory: pytest.TempPathFactory, program: list[tuple]
+    tmp_path_factory: pytest.TempPathFactory, program: list[tuple], sizes: dict[str, int]
 ) -> None:  # type: ignore[type-arg]
     path = tmp_path_factory.mktemp("model")
     clock = FakeClock(1000.0)
-    t = VersionTable(path, durable=False, clock=clock)
+    t = VersionTable(path, durable=False, clock=clock, **sizes)
     versions: dict[str, int] = {}
     values: dict[str, tuple[int, bytes]] = {}
     seen_until: dict[str, float] = {}
@@ -200,7 +232,7 @@ def test_matches_a_dict_model(
             assert t.purge_expired() == len(expired)
         else:
             t.close()
-            t = VersionTable(path, durable=False, clock=clock)
+            t = VersionTable(path, durable=False, clock=clock, **sizes)
         assert len(t) == len(versions)
     assert {k.decode(): v for k, v in t.items()} == versions
     for key, (v, value) in values.items():
@@ -254,6 +286,12 @@ def test_bad_constructor_arguments(tmp_path: pathlib.Path) -> None:
         VersionTable(tmp_path / "b", clock=5)  # type: ignore[arg-type]
     with pytest.raises(keylane.InvalidType, match="path must be"):
         VersionTable(42)  # type: ignore[arg-type]
+    with pytest.raises(keylane.InvalidArgument, match="journal_keys must be >= 1, got 0"):
+        VersionTable(tmp_path / "d", journal_keys=0)
+    with pytest.raises(keylane.InvalidType, match="journal_keys must be an int, not bool"):
+        VersionTable(tmp_path / "e", journal_keys=True)
+    with pytest.raises(keylane.InvalidArgument, match="cache_keys must be >= 0, got -1"):
+        VersionTable(tmp_path / "f", cache_keys=-1)
     t = VersionTable(tmp_path / "c", clock=lambda: "noon")  # type: ignore[arg-type,return-value]
     with pytest.raises(keylane.InvalidType, match="clock"):
         t.mark_seen(b"m")

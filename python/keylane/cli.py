@@ -124,6 +124,7 @@ def inspect(path: Path, limit: int) -> None:
             f"  versions: {info['versions']} keys   values: {info['values']} keys   "
             f"seen ids: {info['seen']}\n"
         )
+        out.write(f"  journal: {info['journal_records']} records not yet folded into the B-tree\n")
         if limit and info["versions"]:
             shown = min(limit, info["versions"])
             out.write(f"first {shown} of {info['versions']} versions (key order):\n")

@@ -1,11 +1,13 @@
 //! The version table and idempotency store, on LMDB (crate `heed`).
 //!
-//! One LMDB environment (a directory) holds five named databases:
+//! One LMDB environment (a directory) holds six named databases:
 //!
 //! | name | key | value |
 //! |---|---|---|
 //! | `meta` | `"keylane"` | msgpack `{format, created_by}` |
+//! | `meta` | `"journal.folded"`, `"versions.count"` | `u64` big-endian |
 //! | `versions` | entity key | highest applied version, `u64` big-endian |
+//! | `journal` | record number, `u64` BE | msgpack `[[key, version], ...]` |
 //! | `values` | entity key | version (`u64` BE) followed by the value bytes |
 //! | `seen` | message id | expiry, ms since the Unix epoch, `u64` BE (`u64::MAX`: never) |
 //! | `expiry` | expiry (`u64` BE) followed by the id | empty (an index for purging) |
@@ -13,22 +15,44 @@
 //! Big-endian integers sort numerically, so the expiry index is ordered by
 //! time and a purge reads only what has expired. Every call is one LMDB
 //! transaction: a batch is applied entirely or not at all.
+//!
+//! A version is the newer of its entry in `versions` and its last entry in
+//! the `journal` records numbered from `journal.folded` on. A
+//! `check_and_set_many` commit appends one record instead of updating the
+//! B-tree key by key: with keys in no order, in-place updates copy and write
+//! back one 4 KiB page per key, which is what bounds a B-tree version map.
+//! When the journal holds `journal_keys` keys, the commit that crossed the
+//! line also folds it into `versions` in key order and empties it. Every
+//! process keeps the journal's versions in memory ([`index::Index`]), reads
+//! the records it has not seen at the start of each transaction, and so
+//! answers from memory what an in-place map would read from LMDB.
 
-use std::collections::HashMap;
-use std::hash::BuildHasher;
+mod index;
+mod journal;
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use heed::byteorder::BigEndian;
 use heed::types::{Bytes, Str, U64, Unit};
-use heed::{Database, Env, EnvFlags, EnvOpenOptions, MdbError, RoTxn, RwTxn, WithoutTls};
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, MdbError, PutFlags, RoTxn, RwTxn, WithoutTls};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use self::index::{Index, Judged, Known};
 use crate::{Error, Result};
 
 /// The on-disk format this code reads and writes.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
+/// Format 1 had no journal; it is upgraded in place on open.
+const FORMAT_NO_JOURNAL: u32 = 1;
+const FOLDED: &str = "journal.folded";
+const COUNT: &str = "versions.count";
+/// Journal records are numbered from 1: 0 marks a version read from
+/// `versions` in the index.
+const FIRST_RECORD: u64 = 1;
 /// Versions are non-negative and fit a signed 64-bit integer.
 pub const MAX_VERSION: u64 = i64::MAX as u64;
 /// A seen-id expiring "never".
@@ -56,83 +80,24 @@ pub struct Options {
     /// Create the table if `path` holds none. With `false`, a missing table
     /// is an error and nothing is written (for inspection).
     pub create: bool,
-    /// How many keys' versions to remember in memory (0: none). See
-    /// [`KnownVersions`].
+    /// How many folded keys' versions to cache in memory (0: none), on top
+    /// of the journal's. See [`index::Index`].
     pub cache_keys: usize,
+    /// Fold the journal into the B-tree once it holds this many keys (at
+    /// least 1). Bigger: fewer, longer folds and more memory.
+    pub journal_keys: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { map_size: 1 << 30, durable: true, create: true, cache_keys: 100_000 }
-    }
-}
-
-/// Versions this process has seen stored, kept in memory.
-///
-/// Stored versions only ever grow (nothing lowers or deletes them), in this
-/// process or any other sharing the table. So a remembered version is a
-/// lower bound of the stored one, however stale the memory: a candidate at
-/// or below it is stale for certain, and `check_and_set` can say so without
-/// reading LMDB. A batch of nothing but stale versions (a redelivery, a
-/// replay) then needs no transaction at all. Anything else still goes to
-/// LMDB. Entries are recorded only after their transaction commits.
-///
-/// Keys are kept exactly (no hashing shortcut that could confuse two keys),
-/// laid end to end in one arena, so remembering a key costs no allocation.
-/// When `capacity` keys are remembered, everything is forgotten at once.
-#[derive(Debug, Default)]
-struct KnownVersions {
-    /// (start in `arena`, length, version)
-    table: hashbrown::HashTable<(u32, u32, u64)>,
-    arena: Vec<u8>,
-    hasher: foldhash::fast::RandomState,
-    capacity: usize,
-}
-
-impl KnownVersions {
-    fn find(&self, key: &[u8]) -> Option<&(u32, u32, u64)> {
-        let arena = &self.arena;
-        self.table.find(self.hasher.hash_one(key), |&(start, len, _)| {
-            &arena[start as usize..(start + len) as usize] == key
-        })
-    }
-
-    /// `None`: unknown key. `Some(true)`: stale for certain. `Some(false)`:
-    /// the key exists in LMDB (it was stored once, and nothing deletes it)
-    /// but may or may not be newer.
-    fn judge(&self, key: &[u8], version: u64) -> Option<bool> {
-        self.find(key).map(|&(_, _, known)| version <= known)
-    }
-
-    fn record(&mut self, key: &[u8], version: u64) {
-        if self.capacity == 0 {
-            return;
-        }
-        let hash = self.hasher.hash_one(key);
-        let arena = &self.arena;
-        if let Some((_, _, known)) = self
-            .table
-            .find_mut(hash, |&(start, len, _)| &arena[start as usize..(start + len) as usize] == key)
-        {
-            *known = (*known).max(version);
-            return;
-        }
-        if self.table.len() >= self.capacity || self.arena.len() + key.len() > u32::MAX as usize {
-            self.table.clear();
-            self.arena.clear();
-        }
-        let start = self.arena.len() as u32;
-        self.arena.extend_from_slice(key);
-        let hasher = &self.hasher;
-        let arena = &self.arena;
-        self.table.insert_unique(hash, (start, key.len() as u32, version), |&(s, l, _)| {
-            hasher.hash_one(&arena[s as usize..(s + l) as usize])
-        });
+        Options { map_size: 1 << 30, durable: true, create: true, cache_keys: 100_000, journal_keys: 262_144 }
     }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Dbs {
+    meta: Database<Str, Bytes>,
+    journal: Database<U64<BigEndian>, Bytes>,
     versions: Database<Bytes, U64<BigEndian>>,
     values: Database<Bytes, Bytes>,
     seen: Database<Bytes, U64<BigEndian>>,
@@ -149,6 +114,8 @@ pub struct Info {
     pub used_bytes: u64,
     pub durable: bool,
     pub versions: u64,
+    /// Journal records not yet folded into the B-tree.
+    pub journal_records: u64,
     pub values: u64,
     pub seen: u64,
 }
@@ -168,7 +135,12 @@ struct Shared {
     env: Env<WithoutTls>,
     dbs: Dbs,
     durable: bool,
-    known: Mutex<KnownVersions>,
+    journal_keys: usize,
+    /// A journal record was written through this environment.
+    wrote: AtomicBool,
+    /// Held for the whole of every transaction that reads or changes the
+    /// version map, so the index always matches the newest snapshot.
+    index: Mutex<Index>,
 }
 
 /// Open environments by canonical path; entries die with their last table.
@@ -198,6 +170,32 @@ fn expiry_key(expiry: u64, id: &[u8]) -> Vec<u8> {
     k.extend_from_slice(&expiry.to_be_bytes());
     k.extend_from_slice(id);
     k
+}
+
+/// What can fail inside a transaction.
+#[derive(Debug)]
+enum Fault {
+    Lmdb(heed::Error),
+    /// Data keylane wrote cannot be read back.
+    Damaged(String),
+}
+
+impl From<heed::Error> for Fault {
+    fn from(e: heed::Error) -> Self {
+        Fault::Lmdb(e)
+    }
+}
+
+type Txn<T> = std::result::Result<T, Fault>;
+
+fn meta_u64(meta: Database<Str, Bytes>, txn: &RoTxn, key: &str, default: u64) -> Txn<u64> {
+    match meta.get(txn, key)? {
+        None => Ok(default),
+        Some(raw) => raw
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| Fault::Damaged(format!("meta {key:?} is {} bytes, not 8", raw.len()))),
+    }
 }
 
 impl VersionTable {
@@ -254,8 +252,14 @@ impl VersionTable {
         #[allow(unsafe_code)]
         let env = unsafe { builder.open(path) }.map_err(|e| open_error(path, e))?;
         let dbs = Self::prepare(&env, path, options.create)?;
-        let known = KnownVersions { capacity: options.cache_keys, ..KnownVersions::default() };
-        Ok(Shared { env, dbs, durable: options.durable, known: Mutex::new(known) })
+        Ok(Shared {
+            env,
+            dbs,
+            durable: options.durable,
+            journal_keys: options.journal_keys.max(1),
+            wrote: AtomicBool::new(false),
+            index: Mutex::new(Index::new(options.cache_keys)),
+        })
     }
 
     /// Creates the databases of a new table, or checks an existing one.
@@ -263,12 +267,15 @@ impl VersionTable {
         let fail = |e: heed::Error| Error::Store(format!("cannot open {}: {e}", path.display()));
         let mut wtxn = env.write_txn().map_err(fail)?;
         let meta: Option<Database<Str, Bytes>> = env.open_database(&wtxn, Some("meta")).map_err(fail)?;
+        let mut upgrade = None;
         match meta.map(|m| m.get(&wtxn, "keylane")).transpose().map_err(fail)?.flatten() {
             Some(raw) => {
                 let meta: Meta = rmp_serde::from_slice(raw).map_err(|e| {
                     Error::StoreFormat(format!("{} has unreadable keylane metadata: {e}", path.display()))
                 })?;
-                if meta.format != FORMAT {
+                if meta.format == FORMAT_NO_JOURNAL {
+                    upgrade = Some(meta.created_by);
+                } else if meta.format != FORMAT {
                     return Err(Error::StoreFormat(format!(
                         "{} is a keylane table in format {} (written by {}); this keylane reads format {FORMAT}",
                         path.display(),
@@ -292,49 +299,51 @@ impl VersionTable {
                         path.display()
                     )));
                 }
-                let meta: Database<Str, Bytes> =
-                    env.create_database(&mut wtxn, Some("meta")).map_err(fail)?;
-                let record =
-                    Meta { format: FORMAT, created_by: format!("keylane {}", env!("CARGO_PKG_VERSION")) };
-                let raw = rmp_serde::to_vec_named(&record).map_err(|e| Error::Store(e.to_string()))?;
-                meta.put(&mut wtxn, "keylane", &raw).map_err(fail)?;
+                upgrade = Some(format!("keylane {}", env!("CARGO_PKG_VERSION")));
             }
         }
         let dbs = Dbs {
+            meta: env.create_database(&mut wtxn, Some("meta")).map_err(fail)?,
+            journal: env.create_database(&mut wtxn, Some("journal")).map_err(fail)?,
             versions: env.create_database(&mut wtxn, Some("versions")).map_err(fail)?,
             values: env.create_database(&mut wtxn, Some("values")).map_err(fail)?,
             seen: env.create_database(&mut wtxn, Some("seen")).map_err(fail)?,
             expiry: env.create_database(&mut wtxn, Some("expiry")).map_err(fail)?,
         };
+        if let Some(created_by) = upgrade {
+            // A new table, or a format 1 one: its versions are all in the
+            // B-tree and its journal is empty.
+            let count = dbs.versions.len(&wtxn).map_err(fail)?;
+            let raw = rmp_serde::to_vec_named(&Meta { format: FORMAT, created_by })
+                .map_err(|e| Error::Store(e.to_string()))?;
+            dbs.meta.put(&mut wtxn, "keylane", &raw).map_err(fail)?;
+            dbs.meta.put(&mut wtxn, FOLDED, &FIRST_RECORD.to_be_bytes()).map_err(fail)?;
+            dbs.meta.put(&mut wtxn, COUNT, &count.to_be_bytes()).map_err(fail)?;
+        }
         wtxn.commit().map_err(fail)?;
         Ok(dbs)
     }
 
-    fn err(&self, doing: &str, e: heed::Error) -> Error {
-        match e {
-            heed::Error::Mdb(MdbError::MapFull) => {
+    fn err(&self, doing: &str, e: impl Into<Fault>) -> Error {
+        let path = self.shared.env.path().display();
+        match e.into() {
+            Fault::Lmdb(heed::Error::Mdb(MdbError::MapFull)) => {
                 Error::StoreFull { map_size: self.shared.env.info().map_size }
             }
-            e => Error::Store(format!(
-                "version table {}: {doing} failed: {e}",
-                self.shared.env.path().display()
-            )),
+            Fault::Lmdb(e) => Error::Store(format!("version table {path}: {doing} failed: {e}")),
+            Fault::Damaged(e) => Error::StoreFormat(format!("version table {path}: {e}")),
         }
     }
 
     /// Runs `f` in one write transaction, committed only if `f` succeeds.
-    fn write<R>(&self, doing: &str, f: impl FnOnce(&mut RwTxn<'_>) -> Result<R, heed::Error>) -> Result<R> {
+    fn write<R>(&self, doing: &str, f: impl FnOnce(&mut RwTxn<'_>) -> Txn<R>) -> Result<R> {
         let mut wtxn = self.shared.env.write_txn().map_err(|e| self.err(doing, e))?;
         let out = f(&mut wtxn).map_err(|e| self.err(doing, e))?;
         wtxn.commit().map_err(|e| self.err(doing, e))?;
         Ok(out)
     }
 
-    fn read<R>(
-        &self,
-        doing: &str,
-        f: impl FnOnce(&RoTxn<'_, WithoutTls>) -> Result<R, heed::Error>,
-    ) -> Result<R> {
+    fn read<R>(&self, doing: &str, f: impl FnOnce(&RoTxn<'_, WithoutTls>) -> Txn<R>) -> Result<R> {
         let rtxn = self.shared.env.read_txn().map_err(|e| self.err(doing, e))?;
         f(&rtxn).map_err(|e| self.err(doing, e))
     }
@@ -352,42 +361,157 @@ impl VersionTable {
             check_key("key", key, MAX_KEY)?;
             check_version(*version)?;
         }
-        let mut out = vec![false; pairs.len()];
-        // Entries the known versions cannot settle go to LMDB, in order,
-        // with whether the key is known to exist there.
-        let open: Vec<(usize, bool)> = {
-            let known = self.shared.known.lock();
-            (0..pairs.len())
-                .filter_map(|i| match known.judge(pairs[i].0, pairs[i].1) {
-                    Some(true) => None,
-                    Some(false) => Some((i, true)),
-                    None => Some((i, false)),
-                })
-                .collect()
-        };
-        if open.is_empty() {
+        let mut index = self.shared.index.lock();
+        // A redelivery or a replay: stale for certain, no transaction needed.
+        if pairs.iter().all(|&(key, version)| index.surely_stale(key, version)) {
+            return Ok(vec![false; pairs.len()]);
+        }
+        let out = self.write("check_and_set", |txn| self.apply(txn, &mut index, pairs));
+        if out.is_err() {
+            // The index may hold what was rolled back.
+            index.reset();
+        }
+        out
+    }
+
+    /// The body of `check_and_set_many`: judges each pair against the index
+    /// (reading `versions` for keys it does not hold), appends the newer
+    /// ones as one journal record, and folds the journal if it is full.
+    fn apply(&self, txn: &mut RwTxn<'_>, index: &mut Index, pairs: &[(&[u8], u64)]) -> Txn<Vec<bool>> {
+        let Dbs { meta, journal, .. } = self.shared.dbs;
+        self.catch_up(txn, index)?;
+        let seq = index.next;
+        let mut out = Vec::with_capacity(pairs.len());
+        let mut raised = Vec::new();
+        let mut new_keys = 0;
+        for (i, &(key, version)) in pairs.iter().enumerate() {
+            let newer = match index.raise(key, version, seq) {
+                Judged::Stale => false,
+                Judged::Raised { new_key } => {
+                    new_keys += u64::from(new_key);
+                    true
+                }
+                Judged::Unknown => {
+                    let stored = self.stored(txn, index, key)?;
+                    let newer = stored.is_none_or(|stored| version > stored);
+                    if newer {
+                        new_keys += u64::from(stored.is_none());
+                        index.set(key, version, seq);
+                    }
+                    newer
+                }
+            };
+            if newer {
+                raised.push(i);
+            }
+            out.push(newer);
+        }
+        if raised.is_empty() {
             return Ok(out);
         }
-        let versions = self.shared.dbs.versions;
-        let stored = self.write("check_and_set", |txn| {
-            open.iter()
-                .map(|&(i, exists)| {
-                    let (key, version) = pairs[i];
-                    if exists {
-                        update_in_place(versions, txn, key, version)
-                    } else {
-                        insert_or_update(versions, txn, key, version)
-                    }
-                })
-                .collect::<Result<Vec<(bool, u64)>, heed::Error>>()
-        })?;
-        // Committed: what was stored is now known.
-        let mut known = self.shared.known.lock();
-        for (&(i, _), (newer, version)) in open.iter().zip(stored) {
-            out[i] = newer;
-            known.record(pairs[i].0, version);
+        let record = journal::encode(raised.iter().map(|&i| pairs[i]));
+        journal.put_with_flags(txn, PutFlags::APPEND, &seq, &record)?;
+        index.applied(seq, raised.len());
+        self.shared.wrote.store(true, Ordering::Relaxed);
+        if new_keys > 0 {
+            let count = meta_u64(meta, txn, COUNT, 0)? + new_keys;
+            meta.put(txn, COUNT, &count.to_be_bytes())?;
+        }
+        if index.journal_entries() >= self.shared.journal_keys {
+            self.fold(txn, index)?;
         }
         Ok(out)
+    }
+
+    /// Writes the journal's versions into `versions` and empties it.
+    fn fold(&self, txn: &mut RwTxn<'_>, index: &mut Index) -> Txn<()> {
+        let Dbs { meta, journal, versions, .. } = self.shared.dbs;
+        // One cursor, keys in order: a key on the page the cursor is on is
+        // put without a descent from the root, each page is copied and
+        // written once however many of its keys changed, and keys past the
+        // last one (ids that grow) are appended, filling pages whole.
+        let last = versions.last(txn)?.map(|(key, _)| key.to_vec());
+        let mut cursor = versions.iter_mut(txn)?;
+        index.for_each_pending_sorted(|key, version| {
+            let flags = match &last {
+                Some(last) if key <= last.as_slice() => PutFlags::empty(),
+                _ => PutFlags::APPEND,
+            };
+            // SAFETY: `key` and `version` live in the index, not in the
+            // database, so the put invalidates nothing they point to.
+            #[allow(unsafe_code)]
+            unsafe {
+                cursor.put_current_with_options::<U64<BigEndian>>(flags, key, &version)
+            }
+        })?;
+        drop(cursor);
+        journal.clear(txn)?;
+        meta.put(txn, FOLDED, &index.next.to_be_bytes())?;
+        index.folded_all();
+        Ok(())
+    }
+
+    /// Did this process append to the journal since the table was opened?
+    pub fn has_written(&self) -> bool {
+        self.shared.wrote.load(Ordering::Relaxed)
+    }
+
+    /// Folds the journal into the B-tree now (`close()` does, so that a
+    /// reopened table has nothing to replay). A no-op when it is empty.
+    pub fn checkpoint(&self) -> Result<()> {
+        let mut index = self.shared.index.lock();
+        let out = self.write("checkpoint", |txn| {
+            self.catch_up(txn, &mut index)?;
+            if index.journal_entries() > 0 {
+                self.fold(txn, &mut index)?;
+            }
+            Ok(())
+        });
+        if out.is_err() {
+            index.reset();
+        }
+        out
+    }
+
+    /// The version of `key` as of the transaction (the index caught up).
+    fn stored(&self, txn: &RoTxn, index: &mut Index, key: &[u8]) -> Txn<Option<u64>> {
+        Ok(match index.lookup(key) {
+            Known::Version(v) => Some(v),
+            Known::Absent => None,
+            Known::Unknown => {
+                let v = self.shared.dbs.versions.get(txn, key)?;
+                if let Some(v) = v {
+                    index.set(key, v, 0);
+                }
+                v
+            }
+        })
+    }
+
+    /// Brings the index up to the transaction's snapshot: adopts the fold
+    /// point, loads the whole table if the index starts over and it fits,
+    /// and applies the journal records it has not read.
+    fn catch_up(&self, txn: &RoTxn, index: &mut Index) -> Txn<()> {
+        let Dbs { meta, journal, versions, .. } = self.shared.dbs;
+        index.sync_folded(meta_u64(meta, txn, FOLDED, FIRST_RECORD)?);
+        if index.can_load(meta_u64(meta, txn, COUNT, 0)?) {
+            for entry in versions.iter(txn)? {
+                let (key, version) = entry?;
+                index.set(key, version, 0);
+            }
+            index.loaded();
+        }
+        for record in journal.range(txn, &(index.next..))? {
+            let (seq, record) = record?;
+            let mut entries = 0;
+            journal::decode(record, |key, version| {
+                index.set(key, version, seq);
+                entries += 1;
+            })
+            .map_err(Fault::Damaged)?;
+            index.applied(seq, entries);
+        }
+        Ok(())
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<u64>> {
@@ -399,14 +523,17 @@ impl VersionTable {
         for key in keys {
             check_key("key", key, MAX_KEY)?;
         }
-        let versions = self.shared.dbs.versions;
-        self.read("get", |txn| keys.iter().map(|k| versions.get(txn, k)).collect())
+        let mut index = self.shared.index.lock();
+        self.read("get", |txn| {
+            self.catch_up(txn, &mut index)?;
+            keys.iter().map(|key| self.stored(txn, &mut index, key)).collect()
+        })
     }
 
     /// Number of keys with a version.
     pub fn len(&self) -> Result<u64> {
-        let versions = self.shared.dbs.versions;
-        self.read("len", |txn| versions.len(txn))
+        let meta = self.shared.dbs.meta;
+        self.read("len", |txn| meta_u64(meta, txn, COUNT, 0))
     }
 
     pub fn is_empty(&self) -> Result<bool> {
@@ -531,17 +658,30 @@ impl VersionTable {
     /// transaction (and so a view of the data as of now) until dropped.
     pub fn snapshot(&self) -> Result<Snapshot> {
         let txn = self.shared.env.clone().static_read_txn().map_err(|e| self.err("snapshot", e))?;
-        Ok(Snapshot { txn, versions: self.shared.dbs.versions })
+        let Dbs { meta, journal: records, versions, .. } = self.shared.dbs;
+        let mut journal = BTreeMap::new();
+        let mut read = || -> Txn<()> {
+            for record in records.range(&txn, &(meta_u64(meta, &txn, FOLDED, FIRST_RECORD)?..))? {
+                journal::decode(record?.1, |key, version| {
+                    let known = journal.entry(key.to_vec()).or_insert(version);
+                    *known = (*known).max(version);
+                })
+                .map_err(Fault::Damaged)?;
+            }
+            Ok(())
+        };
+        read().map_err(|e| self.err("snapshot", e))?;
+        Ok(Snapshot { txn, versions, journal })
     }
 
     pub fn info(&self) -> Result<Info> {
-        let Dbs { versions, values, seen, .. } = self.shared.dbs;
+        let Dbs { meta, journal, values, seen, .. } = self.shared.dbs;
         let (format, created_by, counts) = self.read("info", |txn| {
-            let meta: Option<Database<Str, Bytes>> = self.shared.env.open_database(txn, Some("meta"))?;
-            let raw = meta.map(|m| m.get(txn, "keylane")).transpose()?.flatten().unwrap_or_default();
-            let meta: Option<Meta> = rmp_serde::from_slice(raw).ok();
-            let counts = (versions.len(txn)?, values.len(txn)?, seen.len(txn)?);
-            Ok(meta.map_or((0, String::new(), counts), |m| (m.format, m.created_by, counts)))
+            let raw = meta.get(txn, "keylane")?.unwrap_or_default();
+            let record: Option<Meta> = rmp_serde::from_slice(raw).ok();
+            let counts =
+                (meta_u64(meta, txn, COUNT, 0)?, journal.len(txn)?, values.len(txn)?, seen.len(txn)?);
+            Ok(record.map_or((0, String::new(), counts), |m| (m.format, m.created_by, counts)))
         })?;
         Ok(Info {
             path: self.shared.env.path().to_path_buf(),
@@ -551,8 +691,9 @@ impl VersionTable {
             used_bytes: self.shared.env.non_free_pages_size().map_err(|e| self.err("info", e))?,
             durable: self.shared.durable,
             versions: counts.0,
-            values: counts.1,
-            seen: counts.2,
+            journal_records: counts.1,
+            values: counts.2,
+            seen: counts.3,
         })
     }
 }
@@ -561,6 +702,8 @@ impl VersionTable {
 pub struct Snapshot {
     txn: RoTxn<'static, WithoutTls>,
     versions: Database<Bytes, U64<BigEndian>>,
+    /// The journal's versions as of the snapshot, merged into every page.
+    journal: BTreeMap<Vec<u8>, u64>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -573,64 +716,35 @@ impl Snapshot {
     /// Up to `limit` entries with keys after `after` (from the start if
     /// `None`), in key order.
     pub fn page(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, u64)>> {
+        use std::cmp::Ordering::{Equal, Greater, Less};
         use std::ops::Bound;
+        let store = |e: heed::Error| Error::Store(e.to_string());
         let range = (after.map_or(Bound::Unbounded, Bound::Excluded), Bound::Unbounded);
-        let it = self.versions.range(&self.txn, &range).map_err(|e| Error::Store(e.to_string()))?;
-        it.take(limit)
-            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v)).map_err(|e| Error::Store(e.to_string())))
-            .collect()
-    }
-}
-
-/// For a key that may be new: one B-tree descent for a new key or a stale
-/// version (first sight, redelivery), a second only to overwrite with a
-/// newer version. Returns (newer, version now stored).
-fn insert_or_update(
-    versions: Database<Bytes, U64<BigEndian>>,
-    txn: &mut RwTxn<'_>,
-    key: &[u8],
-    version: u64,
-) -> Result<(bool, u64), heed::Error> {
-    Ok(match versions.get_or_put(txn, key, &version)? {
-        None => (true, version),
-        Some(old) if version > old => {
-            versions.put(txn, key, &version)?;
-            (true, version)
+        let mut tree = self.versions.range(&self.txn, &range).map_err(store)?;
+        let mut journal = self.journal.range::<[u8], _>(range).map(|(k, &v)| (k.as_slice(), v));
+        let (mut t, mut j) = (tree.next().transpose().map_err(store)?, journal.next());
+        let mut out = Vec::with_capacity(limit.min(4096));
+        while out.len() < limit {
+            let (key, version, advance_tree, advance_journal) = match (t, j) {
+                (None, None) => break,
+                (Some((k, v)), None) => (k, v, true, false),
+                (None, Some((k, v))) => (k, v, false, true),
+                (Some((tk, tv)), Some((jk, jv))) => match tk.cmp(jk) {
+                    Less => (tk, tv, true, false),
+                    Greater => (jk, jv, false, true),
+                    Equal => (tk, tv.max(jv), true, true),
+                },
+            };
+            out.push((key.to_vec(), version));
+            if advance_tree {
+                t = tree.next().transpose().map_err(store)?;
+            }
+            if advance_journal {
+                j = journal.next();
+            }
         }
-        Some(old) => (false, old),
-    })
-}
-
-/// For a key known to exist: position a cursor on it (one descent) and, if
-/// the version is newer, overwrite the value where it lies.
-fn update_in_place(
-    versions: Database<Bytes, U64<BigEndian>>,
-    txn: &mut RwTxn<'_>,
-    key: &[u8],
-    version: u64,
-) -> Result<(bool, u64), heed::Error> {
-    use std::ops::Bound::Included;
-    let mut cursor = versions.range_mut(txn, &(Included(key), Included(key)))?;
-    let old = match cursor.next() {
-        Some(found) => found?.1,
-        // Not there after all (only if the file was replaced under us):
-        // take the general path.
-        None => {
-            drop(cursor);
-            return insert_or_update(versions, txn, key, version);
-        }
-    };
-    if version <= old {
-        return Ok((false, old));
+        Ok(out)
     }
-    // SAFETY: heed requires that the key equals the one under the cursor
-    // (it does: the range holds exactly `key`) and that no reference into
-    // the database outlives the write (`old` is a copied u64).
-    #[allow(unsafe_code)]
-    unsafe {
-        cursor.put_current(key, &version)?;
-    }
-    Ok((true, version))
 }
 
 fn be_u64(b: &[u8]) -> u64 {

@@ -35,10 +35,13 @@ fn batches_judge_repeats_against_their_own_earlier_entries() {
     assert_eq!(t.get_many(&[b"a", b"b", b"c"]).unwrap(), vec![Some(4), Some(11), None]);
 }
 
-#[test]
-fn random_batches_match_a_hashmap() {
+/// Random batches against a `HashMap`, for one set of options; the table is
+/// reopened (its journal replayed) and checkpointed along the way.
+fn match_a_hashmap(journal_keys: usize, cache_keys: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let t = open(&dir);
+    let options =
+        Options { map_size: 64 << 20, durable: false, journal_keys, cache_keys, ..Options::default() };
+    let mut t = VersionTable::open(dir.path(), options).unwrap();
     let mut model: HashMap<Vec<u8>, u64> = HashMap::new();
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let mut next = || {
@@ -47,9 +50,9 @@ fn random_batches_match_a_hashmap() {
         rng ^= rng << 17;
         rng
     };
-    for _ in 0..200 {
+    for round in 0..300 {
         let batch: Vec<(Vec<u8>, u64)> =
-            (0..(next() % 50)).map(|_| (format!("k{}", next() % 40).into_bytes(), next() % 100)).collect();
+            (0..(next() % 50)).map(|_| (format!("k{}", next() % 60).into_bytes(), next() % 100)).collect();
         let pairs: Vec<(&[u8], u64)> = batch.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
         let got = t.check_and_set_many(&pairs).unwrap();
         for ((k, v), g) in batch.iter().zip(got) {
@@ -57,15 +60,148 @@ fn random_batches_match_a_hashmap() {
             if newer {
                 model.insert(k.clone(), *v);
             }
-            assert_eq!(g, newer);
+            assert_eq!(g, newer, "round {round}, key {k:?}");
         }
+        match round % 100 {
+            40 => {
+                drop(t);
+                t = VersionTable::open(dir.path(), options).unwrap();
+            }
+            70 => t.checkpoint().unwrap(),
+            _ => {}
+        }
+        let probe: Vec<Vec<u8>> = (0..5).map(|_| format!("k{}", next() % 70).into_bytes()).collect();
+        let probe: Vec<&[u8]> = probe.iter().map(|k| k.as_slice()).collect();
+        let want: Vec<Option<u64>> = probe.iter().map(|k| model.get(*k).copied()).collect();
+        assert_eq!(t.get_many(&probe).unwrap(), want, "round {round}");
+        assert_eq!(t.len().unwrap(), model.len() as u64);
     }
     let snap = t.snapshot().unwrap();
     let all = snap.page(None, usize::MAX).unwrap();
-    assert_eq!(all.len(), model.len());
-    for (k, v) in all {
-        assert_eq!(model[&k], v);
+    let mut want: Vec<(Vec<u8>, u64)> = model.into_iter().collect();
+    want.sort();
+    assert_eq!(all, want);
+}
+
+#[test]
+fn random_batches_match_a_hashmap() {
+    match_a_hashmap(Options::default().journal_keys, Options::default().cache_keys);
+}
+
+#[test]
+fn random_batches_match_a_hashmap_with_frequent_folds_and_a_small_cache() {
+    for (journal_keys, cache_keys) in [(1, 0), (7, 5), (50, 20), (200, 1000)] {
+        match_a_hashmap(journal_keys, cache_keys);
     }
+}
+
+#[test]
+fn the_journal_is_replayed_on_open_and_folded_by_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<Vec<u8>> = (0..3000).map(|i| format!("key-{i:05}").into_bytes()).collect();
+    {
+        let t = open(&dir);
+        for version in [1, 2] {
+            for chunk in keys.chunks(500) {
+                let pairs: Vec<(&[u8], u64)> = chunk.iter().map(|k| (k.as_slice(), version)).collect();
+                t.check_and_set_many(&pairs).unwrap();
+            }
+        }
+        assert!(t.has_written());
+        assert_eq!(t.info().unwrap().journal_records, 12, "nothing folded yet");
+    }
+    let t = open(&dir);
+    assert!(!t.has_written());
+    assert_eq!(t.len().unwrap(), 3000);
+    assert_eq!(t.get(&keys[1234]).unwrap(), Some(2), "from the journal");
+    assert!(!t.check_and_set(&keys[0], 2).unwrap());
+    t.checkpoint().unwrap();
+    let info = t.info().unwrap();
+    assert_eq!((info.journal_records, info.versions), (0, 3000));
+    assert_eq!(t.get(&keys[2999]).unwrap(), Some(2), "from the B-tree");
+    assert!(t.check_and_set(&keys[0], 3).unwrap());
+    t.checkpoint().unwrap();
+    t.checkpoint().unwrap();
+    assert_eq!(t.get(&keys[0]).unwrap(), Some(3));
+}
+
+#[test]
+fn a_full_journal_folds_in_the_commit_that_fills_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = VersionTable::open(
+        dir.path(),
+        Options { map_size: 64 << 20, durable: false, journal_keys: 100, ..Options::default() },
+    )
+    .unwrap();
+    let keys: Vec<Vec<u8>> = (0..1000).map(|i| format!("k{i:04}").into_bytes()).collect();
+    for chunk in keys.chunks(30) {
+        let pairs: Vec<(&[u8], u64)> = chunk.iter().map(|k| (k.as_slice(), 1)).collect();
+        t.check_and_set_many(&pairs).unwrap();
+        assert!(t.info().unwrap().journal_records < 4, "a fold every fourth batch");
+    }
+    // One hot key: repeated updates count toward the fold, not only new keys.
+    for version in 2..500 {
+        assert!(t.check_and_set(b"hot", version).unwrap());
+        assert!(t.info().unwrap().journal_records <= 100);
+    }
+    assert_eq!(t.len().unwrap(), 1001);
+}
+
+#[test]
+fn format_1_tables_are_upgraded_in_place() {
+    use heed::types::{Bytes, Str, U64};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // A format 1 table: meta and versions, no journal.
+        #[allow(unsafe_code)]
+        let env = unsafe { heed::EnvOpenOptions::new().max_dbs(8).open(dir.path()) }.unwrap();
+        let mut w = env.write_txn().unwrap();
+        let meta: heed::Database<Str, Bytes> = env.create_database(&mut w, Some("meta")).unwrap();
+        #[derive(serde::Serialize)]
+        struct Meta {
+            format: u32,
+            created_by: &'static str,
+        }
+        let record = rmp_serde::to_vec_named(&Meta { format: 1, created_by: "keylane 0.0.1" }).unwrap();
+        meta.put(&mut w, "keylane", &record).unwrap();
+        let versions: heed::Database<Bytes, U64<heed::byteorder::BigEndian>> =
+            env.create_database(&mut w, Some("versions")).unwrap();
+        versions.put(&mut w, b"a", &3).unwrap();
+        versions.put(&mut w, b"b", &4).unwrap();
+        w.commit().unwrap();
+        env.prepare_for_closing().wait();
+    }
+    let t = open(&dir);
+    let info = t.info().unwrap();
+    assert_eq!((info.format, info.versions, info.created_by.as_str()), (FORMAT, 2, "keylane 0.0.1"));
+    assert_eq!(t.get_many(&[b"a", b"b", b"c"]).unwrap(), vec![Some(3), Some(4), None]);
+    assert!(!t.check_and_set(b"a", 3).unwrap());
+    assert!(t.check_and_set(b"c", 1).unwrap());
+    assert_eq!(t.len().unwrap(), 3);
+}
+
+#[test]
+fn a_damaged_journal_record_is_a_format_error() {
+    use heed::types::{Bytes, U64};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let t = open(&dir);
+        t.check_and_set(b"k", 1).unwrap();
+    }
+    {
+        #[allow(unsafe_code)]
+        let env = unsafe { heed::EnvOpenOptions::new().max_dbs(8).open(dir.path()) }.unwrap();
+        let mut w = env.write_txn().unwrap();
+        let journal: heed::Database<U64<heed::byteorder::BigEndian>, Bytes> =
+            env.open_database(&w, Some("journal")).unwrap().unwrap();
+        journal.put(&mut w, &1, b"\xc1 not msgpack").unwrap();
+        w.commit().unwrap();
+        env.prepare_for_closing().wait();
+    }
+    let t = open(&dir);
+    let err = t.get(b"k").unwrap_err();
+    assert!(matches!(err, Error::StoreFormat(ref m) if m.contains("journal")), "{err}");
+    assert!(matches!(t.check_and_set(b"k", 2), Err(Error::StoreFormat(_))));
 }
 
 #[test]

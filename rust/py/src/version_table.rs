@@ -100,10 +100,22 @@ fn borrow_keys<'a>(keys: &'a [Bound<'_, PyAny>]) -> Result<Vec<Cow<'a, [u8]>>> {
     keys.iter().map(key_bytes).collect()
 }
 
+/// An optional count of at least `min`.
+fn count_arg(value: Option<&Bound<'_, PyAny>>, name: &str, min: i64, default: usize) -> Result<usize> {
+    let Some(value) = value else { return Ok(default) };
+    let n = int_arg(value, name)?;
+    if n < min {
+        return Err(invalid_argument(format!("{name} must be >= {min}, got {n}")));
+    }
+    Ok(n as usize)
+}
+
 #[pymethods]
 impl VersionTable {
     #[new]
-    #[pyo3(signature = (path, *, map_size = None, durable = true, create = true, clock = None, cache_keys = None))]
+    // The constructor's keyword arguments, one per option.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (path, *, map_size = None, durable = true, create = true, clock = None, cache_keys = None, journal_keys = None))]
     fn new(
         py: Python<'_>,
         path: &Bound<'_, PyAny>,
@@ -112,6 +124,7 @@ impl VersionTable {
         create: bool,
         clock: Option<Py<PyAny>>,
         cache_keys: Option<&Bound<'_, PyAny>>,
+        journal_keys: Option<&Bound<'_, PyAny>>,
     ) -> Result<Self> {
         let path: PathBuf = path.extract().map_err(|_| {
             let name = path.get_type().name().map(|n| n.to_string()).unwrap_or_default();
@@ -129,17 +142,14 @@ impl VersionTable {
         {
             return Err(invalid_type("clock must be a callable returning seconds since the epoch"));
         }
-        let cache_keys = match cache_keys {
-            Some(c) => {
-                let n = int_arg(c, "cache_keys")?;
-                if n < 0 {
-                    return Err(invalid_argument(format!("cache_keys must be >= 0, got {n}")));
-                }
-                n as usize
-            }
-            None => Options::default().cache_keys,
+        let defaults = Options::default();
+        let options = Options {
+            map_size: map_size as usize,
+            durable,
+            create,
+            cache_keys: count_arg(cache_keys, "cache_keys", 0, defaults.cache_keys)?,
+            journal_keys: count_arg(journal_keys, "journal_keys", 1, defaults.journal_keys)?,
         };
-        let options = Options { map_size: map_size as usize, durable, create, cache_keys };
         let table = py.detach(|| core::VersionTable::open(&path, options))?;
         Ok(VersionTable { table: RwLock::new(Some(Arc::new(table))), clock, path, durable })
     }
@@ -159,10 +169,16 @@ impl VersionTable {
         self.table.read().is_none()
     }
 
-    /// Closes the table. Iterators from `items()` keep their snapshot until
-    /// they are exhausted or dropped.
-    fn close(&self) {
-        self.table.write().take();
+    /// Closes the table, folding its journal first if this process wrote to
+    /// it (nothing is lost if that fails: the journal stays, and is read
+    /// again on the next open). Iterators from `items()` keep their snapshot
+    /// until they are exhausted or dropped.
+    fn close(&self, py: Python<'_>) -> Result<()> {
+        let Some(table) = self.table.write().take() else { return Ok(()) };
+        if table.has_written() {
+            py.detach(|| table.checkpoint())?;
+        }
+        Ok(())
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -170,8 +186,8 @@ impl VersionTable {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, _exc: &Bound<'_, PyTuple>) {
-        self.close();
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> Result<()> {
+        self.close(py)
     }
 
     fn __repr__(&self) -> String {
@@ -339,7 +355,7 @@ impl VersionTable {
     }
 
     /// Counts and sizes: path, format, created_by, map_size, used_bytes,
-    /// durable, versions, values, seen.
+    /// durable, versions, journal_records, values, seen.
     fn info<'py>(&self, py: Python<'py>) -> Result<Bound<'py, PyDict>> {
         let table = self.open()?;
         let info = py.detach(|| table.info())?;
@@ -351,6 +367,7 @@ impl VersionTable {
         out.set_item("used_bytes", info.used_bytes)?;
         out.set_item("durable", info.durable)?;
         out.set_item("versions", info.versions)?;
+        out.set_item("journal_records", info.journal_records)?;
         out.set_item("values", info.values)?;
         out.set_item("seen", info.seen)?;
         Ok(out)

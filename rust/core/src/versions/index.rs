@@ -1,0 +1,435 @@
+//! The in-memory side of the version map: every version still in the
+//! journal (exact, never dropped) plus a bounded cache of folded ones.
+
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+
+/// One key's version and the journal record that set it (0: read from the
+/// `versions` database, which no record numbered 0 ever is).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    start: u32,
+    len: u32,
+    version: u64,
+    seq: u64,
+}
+
+/// The versions this process knows, exact as of journal record `next`.
+///
+/// Every change to the version map is a journal record, and every
+/// transaction first reads the records it has not seen ([`Index::sync`]), so
+/// what is known stays exact however many processes write. The one gap is a
+/// fold by another process of records this one never read: the index is
+/// then rebuilt from scratch. Entries whose record is not yet folded
+/// (`seq >= folded`) are the only copy outside the journal that readers use
+/// and are never evicted; the others are a cache of `versions`, at most
+/// `capacity` of them, forgotten all at once when full.
+///
+/// While the index holds every key of the table (`complete`: it was loaded
+/// whole and nothing was evicted since), a key it lacks is a key the table
+/// lacks, and a first sighting needs no read of `versions` either.
+///
+/// Keys are kept exactly (no hash shortcut could confuse two keys), end to
+/// end in one arena, so remembering a key costs no allocation.
+#[derive(Debug, Default)]
+pub(super) struct Index {
+    table: hashbrown::HashTable<Entry>,
+    arena: Vec<u8>,
+    hasher: foldhash::fast::RandomState,
+    /// Journal records below this are folded into `versions`.
+    folded: u64,
+    /// The next journal record to read: all before it are applied.
+    pub(super) next: u64,
+    /// Entries with `seq >= folded`.
+    pending: usize,
+    /// The journal records read and not folded, with how many entries each
+    /// holds: the journal's length, which bounds when to fold.
+    records: VecDeque<(u64, usize)>,
+    entries: usize,
+    /// Every key of the table is here.
+    complete: bool,
+    /// Set when the index starts over: the next transaction may load the
+    /// whole table.
+    pub(super) unloaded: bool,
+    capacity: usize,
+}
+
+/// What [`Index::raise`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Judged {
+    Raised {
+        new_key: bool,
+    },
+    Stale,
+    /// Not in the index: ask `versions`.
+    Unknown,
+}
+
+/// What the index says of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Known {
+    Version(u64),
+    /// Not in the table (the index is complete).
+    Absent,
+    /// Not in the index: ask `versions`.
+    Unknown,
+}
+
+impl Index {
+    pub(super) fn new(capacity: usize) -> Self {
+        Index { capacity, unloaded: true, ..Index::default() }
+    }
+
+    /// May the whole table be loaded? Only while nothing else is known, and
+    /// if it fits the cache.
+    pub(super) fn can_load(&self, keys: u64) -> bool {
+        self.unloaded && self.table.is_empty() && keys <= self.capacity as u64
+    }
+
+    /// The whole of `versions` was just loaded (through [`Index::set`]).
+    pub(super) fn loaded(&mut self) {
+        self.unloaded = false;
+        self.complete = true;
+    }
+
+    pub(super) fn lookup(&self, key: &[u8]) -> Known {
+        match self.get(key) {
+            Some(v) => Known::Version(v),
+            None if self.complete => Known::Absent,
+            None => Known::Unknown,
+        }
+    }
+
+    fn key_of<'a>(arena: &'a [u8], e: &Entry) -> &'a [u8] {
+        &arena[e.start as usize..(e.start + e.len) as usize]
+    }
+
+    pub(super) fn get(&self, key: &[u8]) -> Option<u64> {
+        let arena = &self.arena;
+        self.table.find(self.hasher.hash_one(key), |e| Self::key_of(arena, e) == key).map(|e| e.version)
+    }
+
+    /// Versions only grow, so whatever is known is a lower bound of the
+    /// stored version even without reading the journal: `true` means
+    /// `version` is stale for certain.
+    pub(super) fn surely_stale(&self, key: &[u8], version: u64) -> bool {
+        self.get(key).is_some_and(|known| version <= known)
+    }
+
+    /// Records that `key` is at `version` as of record `seq` (0: as read from
+    /// `versions`). Folded entries are cached only while there is room.
+    pub(super) fn set(&mut self, key: &[u8], version: u64, seq: u64) {
+        let hash = self.hasher.hash_one(key);
+        let arena = &self.arena;
+        let folded = self.folded;
+        if let Some(e) = self.table.find_mut(hash, |e| Self::key_of(arena, e) == key) {
+            if e.seq < folded && seq >= folded {
+                self.pending += 1;
+            }
+            e.version = e.version.max(version);
+            e.seq = e.seq.max(seq);
+            return;
+        }
+        if seq < folded {
+            if self.table.len() - self.pending >= self.capacity {
+                if self.capacity == 0 {
+                    return;
+                }
+                self.evict();
+            }
+        } else {
+            self.pending += 1;
+        }
+        self.insert(hash, key, version, seq);
+    }
+
+    /// `check_and_set` in memory, with one lookup: raises `key` to `version`
+    /// as of record `seq` if that is newer than what is known.
+    pub(super) fn raise(&mut self, key: &[u8], version: u64, seq: u64) -> Judged {
+        let hash = self.hasher.hash_one(key);
+        let arena = &self.arena;
+        if let Some(e) = self.table.find_mut(hash, |e| Self::key_of(arena, e) == key) {
+            if version <= e.version {
+                return Judged::Stale;
+            }
+            if e.seq < self.folded {
+                self.pending += 1;
+            }
+            (e.version, e.seq) = (version, seq);
+            return Judged::Raised { new_key: false };
+        }
+        if !self.complete {
+            return Judged::Unknown;
+        }
+        self.pending += 1;
+        self.insert(hash, key, version, seq);
+        Judged::Raised { new_key: true }
+    }
+
+    fn insert(&mut self, hash: u64, key: &[u8], version: u64, seq: u64) {
+        if self.arena.len() + key.len() > u32::MAX as usize {
+            self.evict();
+        }
+        let start = self.arena.len() as u32;
+        self.arena.extend_from_slice(key);
+        let (hasher, arena) = (&self.hasher, &self.arena);
+        self.table.insert_unique(hash, Entry { start, len: key.len() as u32, version, seq }, |e| {
+            hasher.hash_one(Self::key_of(arena, e))
+        });
+    }
+
+    /// Forgets every folded entry, keeping (and compacting) the rest.
+    fn evict(&mut self) {
+        self.complete = false;
+        let old = std::mem::take(&mut self.arena);
+        let folded = self.folded;
+        let keep: Vec<Entry> = self.table.drain().filter(|e| e.seq >= folded).collect();
+        for e in keep {
+            let start = self.arena.len() as u32;
+            self.arena.extend_from_slice(Self::key_of(&old, &e));
+            let (hasher, arena) = (&self.hasher, &self.arena);
+            let hash = hasher.hash_one(Self::key_of(arena, &Entry { start, ..e }));
+            self.table.insert_unique(hash, Entry { start, ..e }, |x| hasher.hash_one(Self::key_of(arena, x)));
+        }
+    }
+
+    /// Forgets everything: the next transaction rebuilds from the journal.
+    /// Used when a transaction failed after changing the index.
+    pub(super) fn reset(&mut self) {
+        let capacity = self.capacity;
+        *self = Index::new(capacity);
+    }
+
+    /// Adopts the journal's fold point `folded` read in a transaction, before
+    /// its records from `next` on are applied.
+    pub(super) fn sync_folded(&mut self, folded: u64) {
+        if folded == self.folded {
+            return;
+        }
+        if folded < self.folded || folded > self.next {
+            // Records this process never read were folded (or the table was
+            // replaced): nothing known can be trusted.
+            self.reset();
+            self.folded = folded;
+            self.next = folded;
+            return;
+        }
+        self.folded = folded;
+        self.pending = self.table.iter().filter(|e| e.seq >= folded).count();
+        while let Some(&(seq, n)) = self.records.front()
+            && seq < folded
+        {
+            self.records.pop_front();
+            self.entries -= n;
+        }
+        self.bound();
+    }
+
+    /// Record `seq`, of `entries` entries, was applied.
+    pub(super) fn applied(&mut self, seq: u64, entries: usize) {
+        self.records.push_back((seq, entries));
+        self.entries += entries;
+        self.next = seq + 1;
+    }
+
+    /// Entries in the journal records not folded.
+    pub(super) fn journal_entries(&self) -> usize {
+        self.entries
+    }
+
+    /// Calls `f` with each version only in the journal, in key order, for
+    /// a fold; stops at the first error.
+    pub(super) fn for_each_pending_sorted<E>(
+        &self,
+        mut f: impl FnMut(&[u8], u64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        // (start, len, version), in arena order: reading the keys then walks
+        // the arena instead of jumping around it, and keys that arrived in
+        // order come out sorted, which the sort below then only checks.
+        let mut pending: Vec<(u32, u32, u64)> =
+            self.table.iter().filter(|e| e.seq >= self.folded).map(|e| (e.start, e.len, e.version)).collect();
+        pending.sort_unstable_by_key(|p| p.0);
+        let arena = &self.arena;
+        let key = |i: usize| &arena[pending[i].0 as usize..(pending[i].0 + pending[i].1) as usize];
+        // Comparing keys in the arena misses the cache at every step; most
+        // comparisons are settled by 16 bytes after the keys' common prefix,
+        // held inline. Zero padding keeps that order consistent with the
+        // keys' (a shorter key sorts first, and ties fall back to the keys).
+        let common = (1..pending.len()).fold(pending.first().map_or(0, |p| p.1 as usize), |n, i| {
+            n.min(key(i).iter().zip(key(0)).take_while(|(a, b)| a == b).count())
+        });
+        let mut order: Vec<(u128, u32)> = (0..pending.len())
+            .map(|i| {
+                let tail = &key(i)[common..];
+                let mut window = [0u8; 16];
+                let n = tail.len().min(16);
+                window[..n].copy_from_slice(&tail[..n]);
+                (u128::from_be_bytes(window), i as u32)
+            })
+            .collect();
+        order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| key(a.1 as usize).cmp(key(b.1 as usize))));
+        order.into_iter().try_for_each(|(_, i)| f(key(i as usize), pending[i as usize].2))
+    }
+
+    /// The same, collected.
+    #[cfg(test)]
+    fn pending_sorted(&self) -> Vec<(Vec<u8>, u64)> {
+        let mut out = Vec::new();
+        self.for_each_pending_sorted(|k, v| {
+            out.push((k.to_vec(), v));
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        out
+    }
+
+    /// Every record so far is folded.
+    pub(super) fn folded_all(&mut self) {
+        self.folded = self.next;
+        self.pending = 0;
+        self.records.clear();
+        self.entries = 0;
+        self.bound();
+    }
+
+    /// Keys folded from the journal join the cache: keep it within its
+    /// capacity.
+    fn bound(&mut self) {
+        if self.table.len() - self.pending > self.capacity {
+            self.evict();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Index, Judged, Known};
+
+    fn synced(capacity: usize) -> Index {
+        let mut idx = Index::new(capacity);
+        idx.sync_folded(1);
+        idx
+    }
+
+    #[test]
+    fn pending_entries_survive_eviction() {
+        let mut idx = synced(2);
+        idx.set(b"p", 5, 1);
+        idx.set(b"a", 1, 0);
+        idx.set(b"b", 1, 0);
+        idx.set(b"c", 1, 0); // over capacity: a and b go, p stays
+        assert_eq!(idx.get(b"p"), Some(5));
+        assert_eq!(idx.get(b"a"), None);
+        assert_eq!(idx.get(b"c"), Some(1));
+    }
+
+    #[test]
+    fn complete_until_something_is_evicted() {
+        let mut idx = synced(2);
+        assert!(idx.can_load(2));
+        assert!(!idx.can_load(3));
+        idx.set(b"a", 1, 0);
+        idx.loaded();
+        assert_eq!(idx.lookup(b"a"), Known::Version(1));
+        assert_eq!(idx.lookup(b"b"), Known::Absent);
+        idx.set(b"b", 1, 0);
+        idx.set(b"c", 1, 0);
+        assert_eq!(idx.lookup(b"a"), Known::Unknown);
+        assert!(!idx.can_load(0), "loads only after a reset");
+        idx.reset();
+        assert!(idx.can_load(0));
+    }
+
+    #[test]
+    fn raise_judges_with_one_lookup() {
+        let mut idx = synced(10);
+        assert_eq!(idx.raise(b"a", 1, 1), Judged::Unknown);
+        idx.loaded();
+        assert_eq!(idx.raise(b"a", 1, 1), Judged::Raised { new_key: true });
+        assert_eq!(idx.raise(b"a", 1, 2), Judged::Stale);
+        assert_eq!(idx.raise(b"a", 2, 2), Judged::Raised { new_key: false });
+        assert_eq!(idx.get(b"a"), Some(2));
+        assert_eq!(idx.pending_sorted(), vec![(b"a".to_vec(), 2)]);
+    }
+
+    #[test]
+    fn journal_entries_follow_folds() {
+        let mut idx = synced(10);
+        idx.applied(1, 3);
+        idx.applied(2, 4);
+        assert_eq!(idx.journal_entries(), 7);
+        idx.sync_folded(2);
+        assert_eq!(idx.journal_entries(), 4);
+        idx.folded_all();
+        assert_eq!((idx.journal_entries(), idx.next), (0, 3));
+    }
+
+    #[test]
+    fn pending_come_out_in_key_order() {
+        let mut idx = synced(0);
+        let keys: Vec<&[u8]> = vec![
+            b"prefix-b",
+            b"prefix-a",
+            b"prefix-a\0",
+            b"prefix-",
+            b"prefix-aaaaaaaaaaaaaaaaaaaaaaaaz",
+            b"prefix-aaaaaaaaaaaaaaaaaaaaaaaay",
+            b"prefix-\xff",
+            b"prefix-a\0\x01",
+        ];
+        for (i, k) in keys.iter().enumerate() {
+            idx.set(k, i as u64, 1);
+        }
+        let mut want: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
+        want.sort();
+        let got: Vec<Vec<u8>> = idx.pending_sorted().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn folds_keep_the_cache_within_capacity() {
+        let mut idx = synced(2);
+        idx.loaded();
+        for (i, key) in [b"a", b"b", b"c"].iter().enumerate() {
+            assert_eq!(idx.raise(*key, 1, 1 + i as u64), Judged::Raised { new_key: true });
+            idx.applied(1 + i as u64, 1);
+        }
+        idx.folded_all();
+        assert_eq!(idx.get(b"a"), None, "three folded keys do not fit a cache of two");
+        assert_eq!(idx.lookup(b"a"), Known::Unknown, "and the index is no longer complete");
+    }
+
+    #[test]
+    fn zero_capacity_keeps_only_pending() {
+        let mut idx = synced(0);
+        idx.set(b"a", 1, 0);
+        idx.set(b"p", 2, 1);
+        assert_eq!(idx.get(b"a"), None);
+        assert_eq!(idx.get(b"p"), Some(2));
+    }
+
+    #[test]
+    fn a_fold_by_someone_else_of_unread_records_resets() {
+        let mut idx = synced(10);
+        idx.set(b"a", 3, 0);
+        idx.next = 4;
+        idx.sync_folded(2); // within what was read: keep, a is folded
+        assert_eq!(idx.get(b"a"), Some(3));
+        idx.sync_folded(9); // records 4..9 never read
+        assert_eq!(idx.get(b"a"), None);
+        assert_eq!(idx.next, 9);
+    }
+
+    #[test]
+    fn a_fold_point_recounts_pending() {
+        let mut idx = synced(10);
+        idx.set(b"a", 1, 1);
+        idx.set(b"b", 1, 2);
+        idx.next = 3;
+        assert_eq!(idx.pending_sorted().len(), 2);
+        idx.sync_folded(2);
+        assert_eq!(idx.pending_sorted(), vec![(b"b".to_vec(), 1)]);
+        idx.folded_all();
+        assert!(idx.pending_sorted().is_empty());
+    }
+}
