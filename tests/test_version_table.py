@@ -119,19 +119,26 @@ def test_close_folds_the_journal_and_reopen_replays_an_unfolded_one(tmp_path: pa
     with VersionTable(path, durable=False) as t:
         assert t.info()["journal_records"] == 0, "close() folded it"
         assert t.get_many(["k0", "k99"]) == [2, 1]
+        assert t.check_and_set("k0", 5)
+        assert t.info()["journal_records"] == 1
+        t.checkpoint()
+        assert t.info()["journal_records"] == 0
+        assert (t.get("k0"), len(t)) == (5, 100)
+        t.check_and_set("k0", 3)  # stale: nothing to journal
+        t.checkpoint()
     # A process that dies without close() leaves its journal: it is read
     # again on the next open.
     script = (
         "import os, sys\n"
         "from keylane import VersionTable\n"
         "t = VersionTable(sys.argv[1], durable=False)\n"
-        "t.check_and_set_many([('k0', 3), ('new', 1)])\n"
+        "t.check_and_set_many([('k0', 6), ('new', 1)])\n"
         "os._exit(0)\n"
     )
     subprocess.run([sys.executable, "-c", script, str(path)], check=True)
     with VersionTable(path, durable=False) as t:
         assert t.info()["journal_records"] == 1
-        assert (t.get("k0"), t.get("new"), len(t)) == (3, 1, 101)
+        assert (t.get("k0"), t.get("new"), len(t)) == (6, 1, 101)
         assert [k for k, _ in t.items()][:3] == [b"k0", b"k1", b"k10"]
 
 

@@ -361,17 +361,34 @@ impl VersionTable {
             check_key("key", key, MAX_KEY)?;
             check_version(*version)?;
         }
-        let mut index = self.shared.index.lock();
         // A redelivery or a replay: stale for certain, no transaction needed.
-        if pairs.iter().all(|&(key, version)| index.surely_stale(key, version)) {
+        let stale = {
+            let index = self.shared.index.lock();
+            pairs.iter().all(|&(key, version)| index.surely_stale(key, version))
+        };
+        if stale {
             return Ok(vec![false; pairs.len()]);
         }
-        let out = self.write("check_and_set", |txn| self.apply(txn, &mut index, pairs));
+        self.write_indexed("check_and_set", |txn, index| self.apply(txn, index, pairs))
+    }
+
+    /// A write transaction that also changes the index. The index is locked
+    /// once the transaction has begun (so waiting for another process's
+    /// writer does not hold up this process's readers) and until it has
+    /// committed (so no reader sees what may yet roll back); if anything
+    /// fails, the index starts over.
+    fn write_indexed<R>(
+        &self,
+        doing: &str,
+        f: impl FnOnce(&mut RwTxn<'_>, &mut Index) -> Txn<R>,
+    ) -> Result<R> {
+        let mut wtxn = self.shared.env.write_txn().map_err(|e| self.err(doing, e))?;
+        let mut index = self.shared.index.lock();
+        let out = f(&mut wtxn, &mut index).and_then(|out| Ok(wtxn.commit().map(|()| out)?));
         if out.is_err() {
-            // The index may hold what was rolled back.
             index.reset();
         }
-        out
+        out.map_err(|e| self.err(doing, e))
     }
 
     /// The body of `check_and_set_many`: judges each pair against the index
@@ -459,18 +476,13 @@ impl VersionTable {
     /// Folds the journal into the B-tree now (`close()` does, so that a
     /// reopened table has nothing to replay). A no-op when it is empty.
     pub fn checkpoint(&self) -> Result<()> {
-        let mut index = self.shared.index.lock();
-        let out = self.write("checkpoint", |txn| {
-            self.catch_up(txn, &mut index)?;
+        self.write_indexed("checkpoint", |txn, index| {
+            self.catch_up(txn, index)?;
             if index.journal_entries() > 0 {
-                self.fold(txn, &mut index)?;
+                self.fold(txn, index)?;
             }
             Ok(())
-        });
-        if out.is_err() {
-            index.reset();
-        }
-        out
+        })
     }
 
     /// The version of `key` as of the transaction (the index caught up).

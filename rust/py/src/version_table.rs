@@ -354,6 +354,14 @@ impl VersionTable {
         Ok(py.detach(|| table.sync())?)
     }
 
+    /// Folds the journal into the B-tree now, in one transaction (close()
+    /// does it too). For a quiet moment: the commit that fills the journal
+    /// otherwise pays for the fold.
+    fn checkpoint(&self, py: Python<'_>) -> Result<()> {
+        let table = self.open()?;
+        Ok(py.detach(|| table.checkpoint())?)
+    }
+
     /// Counts and sizes: path, format, created_by, map_size, used_bytes,
     /// durable, versions, journal_records, values, seen.
     fn info<'py>(&self, py: Python<'py>) -> Result<Bound<'py, PyDict>> {
