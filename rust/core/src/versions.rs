@@ -50,8 +50,8 @@ pub const FORMAT: u32 = 2;
 const FORMAT_NO_JOURNAL: u32 = 1;
 const FOLDED: &str = "journal.folded";
 const COUNT: &str = "versions.count";
-/// Journal records are numbered from 1: 0 marks a version read from
-/// `versions` in the index.
+/// Journal records are numbered from 1, so that a new index (at 0) starts
+/// over, loading the table, in its first transaction.
 const FIRST_RECORD: u64 = 1;
 /// Versions are non-negative and fit a signed 64-bit integer.
 pub const MAX_VERSION: u64 = i64::MAX as u64;
@@ -402,7 +402,7 @@ impl VersionTable {
         let mut raised = Vec::new();
         let mut new_keys = 0;
         for (i, &(key, version)) in pairs.iter().enumerate() {
-            let newer = match index.raise(key, version, seq) {
+            let newer = match index.raise(key, version) {
                 Judged::Stale => false,
                 Judged::Raised { new_key } => {
                     new_keys += u64::from(new_key);
@@ -413,7 +413,7 @@ impl VersionTable {
                     let newer = stored.is_none_or(|stored| version > stored);
                     if newer {
                         new_keys += u64::from(stored.is_none());
-                        index.set(key, version, seq);
+                        index.set(key, version, true);
                     }
                     newer
                 }
@@ -458,7 +458,8 @@ impl VersionTable {
             // database, so the put invalidates nothing they point to.
             #[allow(unsafe_code)]
             unsafe {
-                cursor.put_current_with_options::<U64<BigEndian>>(flags, key, &version)
+                // As raw bytes: heed's U64 codec allocates per value.
+                cursor.put_current_with_options::<Bytes>(flags, key, &version.to_be_bytes())
             }
         })?;
         drop(cursor);
@@ -493,7 +494,7 @@ impl VersionTable {
             Known::Unknown => {
                 let v = self.shared.dbs.versions.get(txn, key)?;
                 if let Some(v) = v {
-                    index.set(key, v, 0);
+                    index.set(key, v, false);
                 }
                 v
             }
@@ -509,7 +510,7 @@ impl VersionTable {
         if index.can_load(meta_u64(meta, txn, COUNT, 0)?) {
             for entry in versions.iter(txn)? {
                 let (key, version) = entry?;
-                index.set(key, version, 0);
+                index.set(key, version, false);
             }
             index.loaded();
         }
@@ -517,7 +518,7 @@ impl VersionTable {
             let (seq, record) = record?;
             let mut entries = 0;
             journal::decode(record, |key, version| {
-                index.set(key, version, seq);
+                index.set(key, version, true);
                 entries += 1;
             })
             .map_err(Fault::Damaged)?;

@@ -1,29 +1,28 @@
 //! The in-memory side of the version map: every version still in the
 //! journal (exact, never dropped) plus a bounded cache of folded ones.
 
-use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
-/// One key's version and the journal record that set it (0: read from the
-/// `versions` database, which no record numbered 0 ever is).
+/// One key's version: 16 bytes, so that more of the table stays in cache.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     start: u32,
-    len: u32,
+    len: u16,
+    /// The version comes from a journal record not yet folded.
+    pending: bool,
     version: u64,
-    seq: u64,
 }
 
 /// The versions this process knows, exact as of journal record `next`.
 ///
 /// Every change to the version map is a journal record, and every
-/// transaction first reads the records it has not seen ([`Index::sync`]), so
-/// what is known stays exact however many processes write. The one gap is a
-/// fold by another process of records this one never read: the index is
-/// then rebuilt from scratch. Entries whose record is not yet folded
-/// (`seq >= folded`) are the only copy outside the journal that readers use
-/// and are never evicted; the others are a cache of `versions`, at most
-/// `capacity` of them, forgotten all at once when full.
+/// transaction first reads the records it has not seen, so what is known
+/// stays exact however many processes write. The one gap is a fold by
+/// another process of records this one never read: the index then starts
+/// over. Pending entries (from records not yet folded) are the only copy
+/// outside the journal that readers use and are never evicted; the others
+/// are a cache of `versions`, at most `capacity` of them, forgotten all at
+/// once when full.
 ///
 /// While the index holds every key of the table (`complete`: it was loaded
 /// whole and nothing was evicted since), a key it lacks is a key the table
@@ -40,17 +39,16 @@ pub(super) struct Index {
     folded: u64,
     /// The next journal record to read: all before it are applied.
     pub(super) next: u64,
-    /// Entries with `seq >= folded`.
+    /// Pending entries.
     pending: usize,
-    /// The journal records read and not folded, with how many entries each
-    /// holds: the journal's length, which bounds when to fold.
-    records: VecDeque<(u64, usize)>,
+    /// Entries in the journal records from `folded` to `next`, which
+    /// bounds when to fold.
     entries: usize,
     /// Every key of the table is here.
     complete: bool,
     /// Set when the index starts over: the next transaction may load the
     /// whole table.
-    pub(super) unloaded: bool,
+    unloaded: bool,
     capacity: usize,
 }
 
@@ -101,7 +99,7 @@ impl Index {
     }
 
     fn key_of<'a>(arena: &'a [u8], e: &Entry) -> &'a [u8] {
-        &arena[e.start as usize..(e.start + e.len) as usize]
+        &arena[e.start as usize..e.start as usize + e.len as usize]
     }
 
     pub(super) fn get(&self, key: &[u8]) -> Option<u64> {
@@ -116,64 +114,64 @@ impl Index {
         self.get(key).is_some_and(|known| version <= known)
     }
 
-    /// Records that `key` is at `version` as of record `seq` (0: as read from
-    /// `versions`). Folded entries are cached only while there is room.
-    pub(super) fn set(&mut self, key: &[u8], version: u64, seq: u64) {
+    /// Records that `key` is at `version`, from a journal record (`pending`)
+    /// or from `versions`. Folded entries are cached only while there is
+    /// room.
+    pub(super) fn set(&mut self, key: &[u8], version: u64, pending: bool) {
         let hash = self.hasher.hash_one(key);
         let arena = &self.arena;
-        let folded = self.folded;
         if let Some(e) = self.table.find_mut(hash, |e| Self::key_of(arena, e) == key) {
-            if e.seq < folded && seq >= folded {
+            if pending && !e.pending {
+                e.pending = true;
                 self.pending += 1;
             }
             e.version = e.version.max(version);
-            e.seq = e.seq.max(seq);
             return;
         }
-        if seq < folded {
-            if self.table.len() - self.pending >= self.capacity {
-                if self.capacity == 0 {
-                    return;
-                }
-                self.evict();
-            }
-        } else {
+        if pending {
             self.pending += 1;
+        } else if self.table.len() - self.pending >= self.capacity {
+            if self.capacity == 0 {
+                return;
+            }
+            self.evict();
         }
-        self.insert(hash, key, version, seq);
+        self.insert(hash, key, version, pending);
     }
 
     /// `check_and_set` in memory, with one lookup: raises `key` to `version`
-    /// as of record `seq` if that is newer than what is known.
-    pub(super) fn raise(&mut self, key: &[u8], version: u64, seq: u64) -> Judged {
+    /// (pending) if that is newer than what is known.
+    pub(super) fn raise(&mut self, key: &[u8], version: u64) -> Judged {
         let hash = self.hasher.hash_one(key);
         let arena = &self.arena;
         if let Some(e) = self.table.find_mut(hash, |e| Self::key_of(arena, e) == key) {
             if version <= e.version {
                 return Judged::Stale;
             }
-            if e.seq < self.folded {
+            if !e.pending {
+                e.pending = true;
                 self.pending += 1;
             }
-            (e.version, e.seq) = (version, seq);
+            e.version = version;
             return Judged::Raised { new_key: false };
         }
         if !self.complete {
             return Judged::Unknown;
         }
         self.pending += 1;
-        self.insert(hash, key, version, seq);
+        self.insert(hash, key, version, true);
         Judged::Raised { new_key: true }
     }
 
-    fn insert(&mut self, hash: u64, key: &[u8], version: u64, seq: u64) {
+    fn insert(&mut self, hash: u64, key: &[u8], version: u64, pending: bool) {
         if self.arena.len() + key.len() > u32::MAX as usize {
             self.evict();
         }
         let start = self.arena.len() as u32;
         self.arena.extend_from_slice(key);
+        let len = u16::try_from(key.len()).expect("keys are at most 511 bytes");
         let (hasher, arena) = (&self.hasher, &self.arena);
-        self.table.insert_unique(hash, Entry { start, len: key.len() as u32, version, seq }, |e| {
+        self.table.insert_unique(hash, Entry { start, len, pending, version }, |e| {
             hasher.hash_one(Self::key_of(arena, e))
         });
     }
@@ -182,8 +180,7 @@ impl Index {
     fn evict(&mut self) {
         self.complete = false;
         let old = std::mem::take(&mut self.arena);
-        let folded = self.folded;
-        let keep: Vec<Entry> = self.table.drain().filter(|e| e.seq >= folded).collect();
+        let keep: Vec<Entry> = self.table.drain().filter(|e| e.pending).collect();
         for e in keep {
             let start = self.arena.len() as u32;
             self.arena.extend_from_slice(Self::key_of(&old, &e));
@@ -210,24 +207,19 @@ impl Index {
             // Records this process never read were folded (or the table was
             // replaced): nothing known can be trusted.
             self.reset();
-            self.folded = folded;
-            self.next = folded;
-            return;
+        } else {
+            // Another process folded records this one had read: what they
+            // set is in `versions` now. Entries do not say which record set
+            // them, so all become folded and the records from `folded` on
+            // are read again (versions only grow: reading twice is harmless).
+            self.unpend();
         }
         self.folded = folded;
-        self.pending = self.table.iter().filter(|e| e.seq >= folded).count();
-        while let Some(&(seq, n)) = self.records.front()
-            && seq < folded
-        {
-            self.records.pop_front();
-            self.entries -= n;
-        }
-        self.bound();
+        self.next = folded;
     }
 
-    /// Record `seq`, of `entries` entries, was applied.
+    /// Record number `seq`, of `entries` entries, was applied.
     pub(super) fn applied(&mut self, seq: u64, entries: usize) {
-        self.records.push_back((seq, entries));
         self.entries += entries;
         self.next = seq + 1;
     }
@@ -237,25 +229,26 @@ impl Index {
         self.entries
     }
 
-    /// Calls `f` with each version only in the journal, in key order, for
-    /// a fold; stops at the first error.
+    /// Calls `f` with each pending version, in key order, for a fold; stops
+    /// at the first error.
     pub(super) fn for_each_pending_sorted<E>(
         &self,
         mut f: impl FnMut(&[u8], u64) -> Result<(), E>,
     ) -> Result<(), E> {
-        // (start, len, version), in arena order: reading the keys then walks
-        // the arena instead of jumping around it, and keys that arrived in
-        // order come out sorted, which the sort below then only checks.
-        let mut pending: Vec<(u32, u32, u64)> =
-            self.table.iter().filter(|e| e.seq >= self.folded).map(|e| (e.start, e.len, e.version)).collect();
-        pending.sort_unstable_by_key(|p| p.0);
-        let arena = &self.arena;
-        let key = |i: usize| &arena[pending[i].0 as usize..(pending[i].0 + pending[i].1) as usize];
+        // In arena order first: reading the keys then walks the arena
+        // instead of jumping around it, and keys that arrived in order (ids
+        // that grow) are then already sorted, which one pass can tell.
+        let mut pending: Vec<Entry> = self.table.iter().filter(|e| e.pending).copied().collect();
+        pending.sort_unstable_by_key(|e| e.start);
+        let key = |i: usize| Self::key_of(&self.arena, &pending[i]);
+        if (1..pending.len()).all(|i| key(i - 1) < key(i)) {
+            return pending.iter().try_for_each(|e| f(Self::key_of(&self.arena, e), e.version));
+        }
         // Comparing keys in the arena misses the cache at every step; most
         // comparisons are settled by 16 bytes after the keys' common prefix,
         // held inline. Zero padding keeps that order consistent with the
         // keys' (a shorter key sorts first, and ties fall back to the keys).
-        let common = (1..pending.len()).fold(pending.first().map_or(0, |p| p.1 as usize), |n, i| {
+        let common = (1..pending.len()).fold(pending.first().map_or(0, |e| e.len as usize), |n, i| {
             n.min(key(i).iter().zip(key(0)).take_while(|(a, b)| a == b).count())
         });
         let mut order: Vec<(u128, u32)> = (0..pending.len())
@@ -268,7 +261,7 @@ impl Index {
             })
             .collect();
         order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| key(a.1 as usize).cmp(key(b.1 as usize))));
-        order.into_iter().try_for_each(|(_, i)| f(key(i as usize), pending[i as usize].2))
+        order.into_iter().try_for_each(|(_, i)| f(key(i as usize), pending[i as usize].version))
     }
 
     /// The same, collected.
@@ -285,17 +278,19 @@ impl Index {
 
     /// Every record so far is folded.
     pub(super) fn folded_all(&mut self) {
+        self.unpend();
         self.folded = self.next;
-        self.pending = 0;
-        self.records.clear();
-        self.entries = 0;
-        self.bound();
     }
 
-    /// Keys folded from the journal join the cache: keep it within its
-    /// capacity.
-    fn bound(&mut self) {
-        if self.table.len() - self.pending > self.capacity {
+    /// Marks every entry folded, and keeps the cache within its capacity
+    /// now that they count toward it.
+    fn unpend(&mut self) {
+        if self.pending > 0 {
+            self.table.iter_mut().for_each(|e| e.pending = false);
+        }
+        self.pending = 0;
+        self.entries = 0;
+        if self.table.len() > self.capacity {
             self.evict();
         }
     }
@@ -314,10 +309,10 @@ mod tests {
     #[test]
     fn pending_entries_survive_eviction() {
         let mut idx = synced(2);
-        idx.set(b"p", 5, 1);
-        idx.set(b"a", 1, 0);
-        idx.set(b"b", 1, 0);
-        idx.set(b"c", 1, 0); // over capacity: a and b go, p stays
+        idx.set(b"p", 5, true);
+        idx.set(b"a", 1, false);
+        idx.set(b"b", 1, false);
+        idx.set(b"c", 1, false); // over capacity: a and b go, p stays
         assert_eq!(idx.get(b"p"), Some(5));
         assert_eq!(idx.get(b"a"), None);
         assert_eq!(idx.get(b"c"), Some(1));
@@ -328,12 +323,12 @@ mod tests {
         let mut idx = synced(2);
         assert!(idx.can_load(2));
         assert!(!idx.can_load(3));
-        idx.set(b"a", 1, 0);
+        idx.set(b"a", 1, false);
         idx.loaded();
         assert_eq!(idx.lookup(b"a"), Known::Version(1));
         assert_eq!(idx.lookup(b"b"), Known::Absent);
-        idx.set(b"b", 1, 0);
-        idx.set(b"c", 1, 0);
+        idx.set(b"b", 1, false);
+        idx.set(b"c", 1, false);
         assert_eq!(idx.lookup(b"a"), Known::Unknown);
         assert!(!idx.can_load(0), "loads only after a reset");
         idx.reset();
@@ -343,23 +338,21 @@ mod tests {
     #[test]
     fn raise_judges_with_one_lookup() {
         let mut idx = synced(10);
-        assert_eq!(idx.raise(b"a", 1, 1), Judged::Unknown);
+        assert_eq!(idx.raise(b"a", 1), Judged::Unknown);
         idx.loaded();
-        assert_eq!(idx.raise(b"a", 1, 1), Judged::Raised { new_key: true });
-        assert_eq!(idx.raise(b"a", 1, 2), Judged::Stale);
-        assert_eq!(idx.raise(b"a", 2, 2), Judged::Raised { new_key: false });
+        assert_eq!(idx.raise(b"a", 1), Judged::Raised { new_key: true });
+        assert_eq!(idx.raise(b"a", 1), Judged::Stale);
+        assert_eq!(idx.raise(b"a", 2), Judged::Raised { new_key: false });
         assert_eq!(idx.get(b"a"), Some(2));
         assert_eq!(idx.pending_sorted(), vec![(b"a".to_vec(), 2)]);
     }
 
     #[test]
-    fn journal_entries_follow_folds() {
+    fn journal_entries_count_until_a_fold() {
         let mut idx = synced(10);
         idx.applied(1, 3);
         idx.applied(2, 4);
-        assert_eq!(idx.journal_entries(), 7);
-        idx.sync_folded(2);
-        assert_eq!(idx.journal_entries(), 4);
+        assert_eq!((idx.journal_entries(), idx.next), (7, 3));
         idx.folded_all();
         assert_eq!((idx.journal_entries(), idx.next), (0, 3));
     }
@@ -378,7 +371,7 @@ mod tests {
             b"prefix-a\0\x01",
         ];
         for (i, k) in keys.iter().enumerate() {
-            idx.set(k, i as u64, 1);
+            idx.set(k, i as u64, true);
         }
         let mut want: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
         want.sort();
@@ -387,11 +380,24 @@ mod tests {
     }
 
     #[test]
+    fn keys_that_arrived_in_order_come_out_in_order() {
+        let mut idx = synced(10);
+        for key in [&b"k1"[..], b"k2", b"k3"] {
+            idx.set(key, 1, true);
+        }
+        idx.set(b"k2", 2, true); // a later version, same place in the arena
+        assert_eq!(idx.pending_sorted(), vec![(b"k1".to_vec(), 1), (b"k2".to_vec(), 2), (b"k3".to_vec(), 1)]);
+        idx.set(b"k0", 1, true); // out of order: the general path
+        let keys: Vec<Vec<u8>> = idx.pending_sorted().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, [b"k0", b"k1", b"k2", b"k3"]);
+    }
+
+    #[test]
     fn folds_keep_the_cache_within_capacity() {
         let mut idx = synced(2);
         idx.loaded();
         for (i, key) in [b"a", b"b", b"c"].iter().enumerate() {
-            assert_eq!(idx.raise(*key, 1, 1 + i as u64), Judged::Raised { new_key: true });
+            assert_eq!(idx.raise(*key, 1), Judged::Raised { new_key: true });
             idx.applied(1 + i as u64, 1);
         }
         idx.folded_all();
@@ -402,34 +408,26 @@ mod tests {
     #[test]
     fn zero_capacity_keeps_only_pending() {
         let mut idx = synced(0);
-        idx.set(b"a", 1, 0);
-        idx.set(b"p", 2, 1);
+        idx.set(b"a", 1, false);
+        idx.set(b"p", 2, true);
         assert_eq!(idx.get(b"a"), None);
         assert_eq!(idx.get(b"p"), Some(2));
     }
 
     #[test]
-    fn a_fold_by_someone_else_of_unread_records_resets() {
+    fn folds_by_someone_else() {
         let mut idx = synced(10);
-        idx.set(b"a", 3, 0);
-        idx.next = 4;
-        idx.sync_folded(2); // within what was read: keep, a is folded
-        assert_eq!(idx.get(b"a"), Some(3));
-        idx.sync_folded(9); // records 4..9 never read
-        assert_eq!(idx.get(b"a"), None);
-        assert_eq!(idx.next, 9);
-    }
-
-    #[test]
-    fn a_fold_point_recounts_pending() {
-        let mut idx = synced(10);
-        idx.set(b"a", 1, 1);
-        idx.set(b"b", 1, 2);
-        idx.next = 3;
-        assert_eq!(idx.pending_sorted().len(), 2);
+        idx.set(b"a", 3, false);
+        idx.set(b"p", 4, true);
+        idx.applied(3, 1);
+        // Within what was read: everything becomes folded, and the records
+        // from the fold point on are to be read again.
         idx.sync_folded(2);
-        assert_eq!(idx.pending_sorted(), vec![(b"b".to_vec(), 1)]);
-        idx.folded_all();
+        assert_eq!((idx.get(b"a"), idx.get(b"p"), idx.next), (Some(3), Some(4), 2));
         assert!(idx.pending_sorted().is_empty());
+        // Past what was read: records 4..9 were never read; start over.
+        idx.sync_folded(9);
+        assert_eq!((idx.get(b"a"), idx.next), (None, 9));
+        assert!(idx.can_load(0));
     }
 }
