@@ -92,7 +92,7 @@ def test_check_and_set_many_vs_py_lmdb(perf: Perf, order: str) -> None:
             "native-small-journal": lambda: _native(batches, SMALL_JOURNAL),
             "py-lmdb": lambda: _py_lmdb(batches),
         },
-        rounds=5,
+        rounds=7,
     )
     group = f"version-table {order}"
     for name, label in (("native", ""), ("native-small-journal", ", folds every 16,384")):
