@@ -251,17 +251,21 @@ impl Index {
         let common = (1..pending.len()).fold(pending.first().map_or(0, |e| e.len as usize), |n, i| {
             n.min(key(i).iter().zip(key(0)).take_while(|(a, b)| a == b).count())
         });
-        let mut order: Vec<(u128, u32)> = (0..pending.len())
+        let mut order: Vec<(u128, Entry)> = (0..pending.len())
             .map(|i| {
                 let tail = &key(i)[common..];
                 let mut window = [0u8; 16];
                 let n = tail.len().min(16);
                 window[..n].copy_from_slice(&tail[..n]);
-                (u128::from_be_bytes(window), i as u32)
+                (u128::from_be_bytes(window), pending[i])
             })
             .collect();
-        order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| key(a.1 as usize).cmp(key(b.1 as usize))));
-        order.into_iter().try_for_each(|(_, i)| f(key(i as usize), pending[i as usize].version))
+        drop(pending);
+        let arena = &self.arena;
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0).then_with(|| Self::key_of(arena, &a.1).cmp(Self::key_of(arena, &b.1)))
+        });
+        order.iter().try_for_each(|(_, e)| f(Self::key_of(arena, e), e.version))
     }
 
     /// The same, collected.
