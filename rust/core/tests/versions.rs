@@ -148,6 +148,50 @@ fn a_full_journal_folds_in_the_commit_that_fills_it() {
 }
 
 #[test]
+fn folds_insert_update_and_append_whatever_the_density() {
+    // A tree of even keys; then a journal of odd keys (inserted between),
+    // even keys (overwritten) and keys past the end (appended), few or many
+    // of them against the tree (the fold walks the tree or positions on
+    // each key), folded and checked against a model.
+    for (every, past_end) in [(1, 50), (3, 0), (97, 3), (401, 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let t = open(&dir);
+        let key = |i: u64| format!("k{i:05}").into_bytes();
+        let mut model = std::collections::BTreeMap::new();
+        let evens: Vec<Vec<u8>> = (0..2000).step_by(2).map(key).collect();
+        let pairs: Vec<(&[u8], u64)> = evens.iter().map(|k| (k.as_slice(), 1)).collect();
+        t.check_and_set_many(&pairs).unwrap();
+        t.checkpoint().unwrap();
+        for k in &evens {
+            model.insert(k.clone(), 1);
+        }
+        let journal: Vec<(Vec<u8>, u64)> = (0..2000)
+            .step_by(every)
+            .map(|i| (key(i), 2 + i % 3))
+            .chain((2000..2000 + past_end).map(|i| (key(i), 7)))
+            .collect();
+        // In no particular order.
+        let mut shuffled = journal.clone();
+        shuffled.reverse();
+        let third = shuffled.len() / 3;
+        shuffled.rotate_left(third);
+        let pairs: Vec<(&[u8], u64)> = shuffled.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
+        assert!(t.check_and_set_many(&pairs).unwrap().iter().all(|&b| b));
+        for (k, v) in journal {
+            model.insert(k, v);
+        }
+        t.checkpoint().unwrap();
+        assert_eq!(t.info().unwrap().journal_records, 0);
+        drop(t);
+        let t = open(&dir);
+        let all = t.snapshot().unwrap().page(None, usize::MAX).unwrap();
+        let want: Vec<(Vec<u8>, u64)> = model.into_iter().collect();
+        assert_eq!(all, want, "every {every}, {past_end} past the end");
+        assert_eq!(t.len().unwrap(), want.len() as u64);
+    }
+}
+
+#[test]
 fn format_1_tables_are_upgraded_in_place() {
     use heed::types::{Bytes, Str, U64};
     let dir = tempfile::tempdir().unwrap();

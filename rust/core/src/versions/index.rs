@@ -224,6 +224,11 @@ impl Index {
         self.next = seq + 1;
     }
 
+    /// How many keys have a pending version.
+    pub(super) fn pending_keys(&self) -> usize {
+        self.pending
+    }
+
     /// Entries in the journal records not folded.
     pub(super) fn journal_entries(&self) -> usize {
         self.entries
@@ -231,9 +236,9 @@ impl Index {
 
     /// Calls `f` with each pending version, in key order, for a fold; stops
     /// at the first error.
-    pub(super) fn for_each_pending_sorted<E>(
-        &self,
-        mut f: impl FnMut(&[u8], u64) -> Result<(), E>,
+    pub(super) fn for_each_pending_sorted<'a, E>(
+        &'a self,
+        mut f: impl FnMut(&'a [u8], u64) -> Result<(), E>,
     ) -> Result<(), E> {
         // In arena order first: reading the keys then walks the arena
         // instead of jumping around it, and keys that arrived in order (ids
