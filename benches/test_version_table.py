@@ -124,3 +124,37 @@ def test_durable_commits(perf: Perf, tmp_path: pathlib.Path) -> None:
     perf.figure(
         "version-table-durable", "batched (1,000/commit) M ops/s", 50 * BATCH / elapsed / 1e6
     )
+
+
+def test_fold_pause(perf: Perf, tmp_path: pathlib.Path) -> None:
+    """How long the commit that folds the journal takes: a journal of
+    `journal_keys` random keys folded into a 1,000,000-key table (bigger than
+    the default cache, so the index is not complete). This is the pause a
+    latency-sensitive caller sees once per `journal_keys` raised versions."""
+    import random
+
+    n = 1_000_000
+    keys = [f"entity-{i:08d}".encode() for i in range(n)]
+    path = tmp_path / "big"
+    with VersionTable(path, durable=False) as t:
+        for start in range(0, n, BATCH):
+            t.check_and_set_many([(k, 1) for k in keys[start : start + BATCH]])
+    version = 1
+    for journal_keys in (65_536, 16_384):
+        pauses = []
+        for round_ in range(3):
+            sample = random.Random(round_).sample(keys, journal_keys)
+            version += 1
+            # One more than the journal holds: the fold is ours to time.
+            with VersionTable(path, durable=False, journal_keys=journal_keys + 1) as t:
+                for start in range(0, journal_keys, BATCH):
+                    t.check_and_set_many([(k, version) for k in sample[start : start + BATCH]])
+                assert t.info()["journal_records"] == journal_keys // BATCH + 1
+                start_time = time.perf_counter()
+                t.checkpoint()
+                pauses.append(time.perf_counter() - start_time)
+        perf.figure(
+            "version-table fold pause",
+            f"{journal_keys:,} random keys into 1M keys, ms (median of 3)",
+            median(pauses) * 1e3,
+        )
