@@ -158,3 +158,36 @@ def test_fold_pause(perf: Perf, tmp_path: pathlib.Path) -> None:
             f"{journal_keys:,} random keys into 1M keys, ms (median of 3)",
             median(pauses) * 1e3,
         )
+
+
+REPLAY_WRITER = """
+import os, sys
+from keylane import VersionTable
+t = VersionTable(sys.argv[1], durable=False, journal_keys=1 << 30)
+keys = [f"entity-{i:08d}".encode() for i in range(int(sys.argv[2]))]
+for start in range(0, len(keys), 1000):
+    t.check_and_set_many([(k, 1) for k in keys[start : start + 1000]])
+os._exit(0)  # no close(): the journal is left for the next open
+"""
+
+
+def test_journal_replay(perf: Perf, tmp_path: pathlib.Path) -> None:
+    """What the first call after opening costs when the last writer died
+    without close(): reading its journal (65,536 entries) into the index."""
+    import subprocess
+    import sys
+
+    n = 65_536
+    times = []
+    for round_ in range(3):
+        path = tmp_path / f"t{round_}"
+        subprocess.run([sys.executable, "-c", REPLAY_WRITER, str(path), str(n)], check=True)
+        start = time.perf_counter()
+        # cache_keys=0: the B-tree is empty anyway; only the journal is read.
+        with VersionTable(path, durable=False, cache_keys=0) as t:
+            assert t.get(b"entity-00000000") == 1
+            times.append(time.perf_counter() - start)
+            assert t.info()["journal_records"] == -(-n // 1000)
+    perf.figure(
+        "version-table replay", "65,536 journal entries, ms (median of 3)", median(times) * 1e3
+    )
