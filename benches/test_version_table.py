@@ -57,10 +57,10 @@ def run(table: Any, batches: list[list[tuple[bytes, int]]]) -> int:
     return accepted
 
 
-def _native(batches: list[list[tuple[bytes, int]]], journal_keys: int | None = None) -> int:
+def _native(batches: list[list[tuple[bytes, int]]], journal_entries: int | None = None) -> int:
     with (
         tempfile.TemporaryDirectory() as d,
-        VersionTable(d, durable=False, journal_keys=journal_keys) as t,
+        VersionTable(d, durable=False, journal_entries=journal_entries) as t,
     ):
         return run(t, batches)
 
@@ -128,9 +128,9 @@ def test_durable_commits(perf: Perf, tmp_path: pathlib.Path) -> None:
 
 def test_fold_pause(perf: Perf, tmp_path: pathlib.Path) -> None:
     """How long the commit that folds the journal takes: a journal of
-    `journal_keys` random keys folded into a 1,000,000-key table (bigger than
+    `journal_entries` random keys folded into a 1,000,000-key table (bigger than
     the default cache, so the index is not complete). This is the pause a
-    latency-sensitive caller sees once per `journal_keys` raised versions."""
+    latency-sensitive caller sees once per `journal_entries` raised versions."""
     import random
 
     n = 1_000_000
@@ -140,22 +140,22 @@ def test_fold_pause(perf: Perf, tmp_path: pathlib.Path) -> None:
         for start in range(0, n, BATCH):
             t.check_and_set_many([(k, 1) for k in keys[start : start + BATCH]])
     version = 1
-    for journal_keys in (65_536, 16_384):
+    for journal_entries in (65_536, 16_384):
         pauses = []
         for round_ in range(3):
-            sample = random.Random(round_).sample(keys, journal_keys)
+            sample = random.Random(round_).sample(keys, journal_entries)
             version += 1
             # One more than the journal holds: the fold is ours to time.
-            with VersionTable(path, durable=False, journal_keys=journal_keys + 1) as t:
-                for start in range(0, journal_keys, BATCH):
+            with VersionTable(path, durable=False, journal_entries=journal_entries + 1) as t:
+                for start in range(0, journal_entries, BATCH):
                     t.check_and_set_many([(k, version) for k in sample[start : start + BATCH]])
-                assert t.info()["journal_records"] == journal_keys // BATCH + 1
+                assert t.info()["journal_records"] == journal_entries // BATCH + 1
                 start_time = time.perf_counter()
                 t.checkpoint()
                 pauses.append(time.perf_counter() - start_time)
         perf.figure(
             "version-table fold pause",
-            f"{journal_keys:,} random keys into 1M keys, ms (median of 3)",
+            f"{journal_entries:,} random keys into 1M keys, ms (median of 3)",
             median(pauses) * 1e3,
         )
 
@@ -163,7 +163,7 @@ def test_fold_pause(perf: Perf, tmp_path: pathlib.Path) -> None:
 REPLAY_WRITER = """
 import os, sys
 from keylane import VersionTable
-t = VersionTable(sys.argv[1], durable=False, journal_keys=1 << 30)
+t = VersionTable(sys.argv[1], durable=False, journal_entries=1 << 30)
 keys = [f"entity-{i:08d}".encode() for i in range(int(sys.argv[2]))]
 for start in range(0, len(keys), 1000):
     t.check_and_set_many([(k, 1) for k in keys[start : start + 1000]])

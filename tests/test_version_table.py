@@ -190,7 +190,7 @@ ops = st.lists(
 @given(program=ops)
 @pytest.mark.parametrize(
     "sizes",
-    [{}, {"journal_keys": 2, "cache_keys": 1}, {"journal_keys": 1, "cache_keys": 0}],
+    [{}, {"journal_entries": 2, "cache_keys": 1}, {"journal_entries": 1, "cache_keys": 0}],
     ids=["defaults", "small", "fold-each-commit"],
 )
 def test_matches_a_dict_model(
@@ -293,10 +293,10 @@ def test_bad_constructor_arguments(tmp_path: pathlib.Path) -> None:
         VersionTable(tmp_path / "b", clock=5)  # type: ignore[arg-type]
     with pytest.raises(keylane.InvalidType, match="path must be"):
         VersionTable(42)  # type: ignore[arg-type]
-    with pytest.raises(keylane.InvalidArgument, match="journal_keys must be >= 1, got 0"):
-        VersionTable(tmp_path / "d", journal_keys=0)
-    with pytest.raises(keylane.InvalidType, match="journal_keys must be an int, not bool"):
-        VersionTable(tmp_path / "e", journal_keys=True)
+    with pytest.raises(keylane.InvalidArgument, match="journal_entries must be >= 1, got 0"):
+        VersionTable(tmp_path / "d", journal_entries=0)
+    with pytest.raises(keylane.InvalidType, match="journal_entries must be an int, not bool"):
+        VersionTable(tmp_path / "e", journal_entries=True)
     with pytest.raises(keylane.InvalidArgument, match="cache_keys must be >= 0, got -1"):
         VersionTable(tmp_path / "f", cache_keys=-1)
     t = VersionTable(tmp_path / "c", clock=lambda: "noon")  # type: ignore[arg-type,return-value]

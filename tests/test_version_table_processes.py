@@ -24,7 +24,7 @@ WRITER = textwrap.dedent(
     from keylane import VersionTable
     path, n, jk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     accepted = []
-    with VersionTable(path, durable=False, journal_keys=jk) as t:
+    with VersionTable(path, durable=False, journal_entries=jk) as t:
         for v in range(1, n + 1):
             if t.check_and_set(b"shared", v):
                 accepted.append(v)
@@ -38,7 +38,7 @@ READER = textwrap.dedent(
     from keylane import VersionTable
     path, n, jk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     last, reads = -1, 0
-    with VersionTable(path, durable=False, journal_keys=jk) as t:
+    with VersionTable(path, durable=False, journal_entries=jk) as t:
         while last < n:
             v = t.get(b"shared")
             v = -1 if v is None else v
@@ -61,17 +61,17 @@ def _run(script: str, *args: object) -> subprocess.Popen[str]:
 # Journal sizes: the default (no fold during the test) and folds every few
 # commits, so that each process keeps meeting records, and folds of records,
 # written by the others.
-JOURNALS = pytest.mark.parametrize("journal_keys", [262_144, 3], ids=["no-folds", "folds"])
+JOURNALS = pytest.mark.parametrize("journal_entries", [262_144, 3], ids=["no-folds", "folds"])
 
 
 @JOURNALS
 def test_concurrent_processes_never_accept_a_version_twice(
-    tmp_path: pathlib.Path, journal_keys: int
+    tmp_path: pathlib.Path, journal_entries: int
 ) -> None:
     path = tmp_path / "t"
     VersionTable(path, durable=False).close()
     n = 3000
-    procs = [_run(s, path, n, journal_keys) for s in (WRITER, WRITER, READER)]
+    procs = [_run(s, path, n, journal_entries) for s in (WRITER, WRITER, READER)]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -94,7 +94,7 @@ CRASHER = textwrap.dedent(
     from keylane import VersionTable
     path, durable, keys, start = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
     # A fold every third batch: kills land in folds too.
-    with VersionTable(path, durable=durable, journal_keys=3 * keys) as t:
+    with VersionTable(path, durable=durable, journal_entries=3 * keys) as t:
         b = start
         while True:
             b += 1
@@ -160,7 +160,7 @@ STEPPER = textwrap.dedent(
     """
     import sys
     from keylane import VersionTable
-    with VersionTable(sys.argv[1], durable=False, journal_keys=int(sys.argv[2])) as t:
+    with VersionTable(sys.argv[1], durable=False, journal_entries=int(sys.argv[2])) as t:
         for line in sys.stdin:
             key, version = line.split()
             print(t.check_and_set(key, int(version)), flush=True)
@@ -168,22 +168,22 @@ STEPPER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("journal_keys", [262_144, 1], ids=["no-folds", "fold-each-commit"])
+@pytest.mark.parametrize("journal_entries", [262_144, 1], ids=["no-folds", "fold-each-commit"])
 def test_what_a_process_remembers_never_overrules_another_writer(
-    tmp_path: pathlib.Path, journal_keys: int
+    tmp_path: pathlib.Path, journal_entries: int
 ) -> None:
     """Each process remembers versions it saw stored and answers "stale" from
     memory when it can. Another process's newer write must still be seen."""
     path = tmp_path / "t"
     VersionTable(path, durable=False).close()
     a = subprocess.Popen(
-        [sys.executable, "-c", STEPPER, str(path), str(journal_keys)],
+        [sys.executable, "-c", STEPPER, str(path), str(journal_entries)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     b = subprocess.Popen(
-        [sys.executable, "-c", STEPPER, str(path), str(journal_keys)],
+        [sys.executable, "-c", STEPPER, str(path), str(journal_entries)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

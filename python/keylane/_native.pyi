@@ -94,7 +94,7 @@ class VersionTable:
         create: bool = True,
         clock: Callable[[], float] | None = None,
         cache_keys: int | None = None,
-        journal_keys: int | None = None,
+        journal_entries: int | None = None,
     ) -> VersionTable: ...
     @property
     def path(self) -> pathlib.Path: ...

@@ -21,7 +21,7 @@
 //! `check_and_set_many` commit appends one record instead of updating the
 //! B-tree key by key: with keys in no order, in-place updates copy and write
 //! back one 4 KiB page per key, which is what bounds a B-tree version map.
-//! When the journal holds `journal_keys` keys, the commit that crossed the
+//! When the journal holds `journal_entries` keys, the commit that crossed the
 //! line also folds it into `versions` in key order and empties it. Every
 //! process keeps the journal's versions in memory ([`index::Index`]), reads
 //! the records it has not seen at the start of each transaction, and so
@@ -83,14 +83,21 @@ pub struct Options {
     /// How many folded keys' versions to cache in memory (0: none), on top
     /// of the journal's. See [`index::Index`].
     pub cache_keys: usize,
-    /// Fold the journal into the B-tree once it holds this many keys (at
-    /// least 1). Bigger: fewer, longer folds and more memory.
-    pub journal_keys: usize,
+    /// Fold the journal into the B-tree once it holds this many entries
+    /// (version changes; at least 1). Bigger: fewer, longer folds and more
+    /// memory.
+    pub journal_entries: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { map_size: 1 << 30, durable: true, create: true, cache_keys: 100_000, journal_keys: 65_536 }
+        Options {
+            map_size: 1 << 30,
+            durable: true,
+            create: true,
+            cache_keys: 100_000,
+            journal_entries: 65_536,
+        }
     }
 }
 
@@ -135,7 +142,7 @@ struct Shared {
     env: Env<WithoutTls>,
     dbs: Dbs,
     durable: bool,
-    journal_keys: usize,
+    journal_entries: usize,
     /// A journal record was written through this environment.
     wrote: AtomicBool,
     /// Held for the whole of every transaction that reads or changes the
@@ -256,7 +263,7 @@ impl VersionTable {
             env,
             dbs,
             durable: options.durable,
-            journal_keys: options.journal_keys.max(1),
+            journal_entries: options.journal_entries.max(1),
             wrote: AtomicBool::new(false),
             index: Mutex::new(Index::new(options.cache_keys)),
         })
@@ -434,7 +441,7 @@ impl VersionTable {
             let count = meta_u64(meta, txn, COUNT, 0)? + new_keys;
             meta.put(txn, COUNT, &count.to_be_bytes())?;
         }
-        if index.journal_entries() >= self.shared.journal_keys {
+        if index.journal_entries() >= self.shared.journal_entries {
             self.fold(txn, index)?;
         }
         Ok(out)

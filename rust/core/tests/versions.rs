@@ -37,10 +37,10 @@ fn batches_judge_repeats_against_their_own_earlier_entries() {
 
 /// Random batches against a `HashMap`, for one set of options; the table is
 /// reopened (its journal replayed) and checkpointed along the way.
-fn match_a_hashmap(journal_keys: usize, cache_keys: usize) {
+fn match_a_hashmap(journal_entries: usize, cache_keys: usize) {
     let dir = tempfile::tempdir().unwrap();
     let options =
-        Options { map_size: 64 << 20, durable: false, journal_keys, cache_keys, ..Options::default() };
+        Options { map_size: 64 << 20, durable: false, journal_entries, cache_keys, ..Options::default() };
     let mut t = VersionTable::open(dir.path(), options).unwrap();
     let mut model: HashMap<Vec<u8>, u64> = HashMap::new();
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
@@ -85,13 +85,13 @@ fn match_a_hashmap(journal_keys: usize, cache_keys: usize) {
 
 #[test]
 fn random_batches_match_a_hashmap() {
-    match_a_hashmap(Options::default().journal_keys, Options::default().cache_keys);
+    match_a_hashmap(Options::default().journal_entries, Options::default().cache_keys);
 }
 
 #[test]
 fn random_batches_match_a_hashmap_with_frequent_folds_and_a_small_cache() {
-    for (journal_keys, cache_keys) in [(1, 0), (7, 5), (50, 20), (200, 1000)] {
-        match_a_hashmap(journal_keys, cache_keys);
+    for (journal_entries, cache_keys) in [(1, 0), (7, 5), (50, 20), (200, 1000)] {
+        match_a_hashmap(journal_entries, cache_keys);
     }
 }
 
@@ -130,7 +130,7 @@ fn a_full_journal_folds_in_the_commit_that_fills_it() {
     let dir = tempfile::tempdir().unwrap();
     let t = VersionTable::open(
         dir.path(),
-        Options { map_size: 64 << 20, durable: false, journal_keys: 100, ..Options::default() },
+        Options { map_size: 64 << 20, durable: false, journal_entries: 100, ..Options::default() },
     )
     .unwrap();
     let keys: Vec<Vec<u8>> = (0..1000).map(|i| format!("k{i:04}").into_bytes()).collect();

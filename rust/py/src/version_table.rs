@@ -115,7 +115,7 @@ impl VersionTable {
     #[new]
     // The constructor's keyword arguments, one per option.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (path, *, map_size = None, durable = true, create = true, clock = None, cache_keys = None, journal_keys = None))]
+    #[pyo3(signature = (path, *, map_size = None, durable = true, create = true, clock = None, cache_keys = None, journal_entries = None))]
     fn new(
         py: Python<'_>,
         path: &Bound<'_, PyAny>,
@@ -124,7 +124,7 @@ impl VersionTable {
         create: bool,
         clock: Option<Py<PyAny>>,
         cache_keys: Option<&Bound<'_, PyAny>>,
-        journal_keys: Option<&Bound<'_, PyAny>>,
+        journal_entries: Option<&Bound<'_, PyAny>>,
     ) -> Result<Self> {
         let path: PathBuf = path.extract().map_err(|_| {
             let name = path.get_type().name().map(|n| n.to_string()).unwrap_or_default();
@@ -148,7 +148,7 @@ impl VersionTable {
             durable,
             create,
             cache_keys: count_arg(cache_keys, "cache_keys", 0, defaults.cache_keys)?,
-            journal_keys: count_arg(journal_keys, "journal_keys", 1, defaults.journal_keys)?,
+            journal_entries: count_arg(journal_entries, "journal_entries", 1, defaults.journal_entries)?,
         };
         let table = py.detach(|| core::VersionTable::open(&path, options))?;
         Ok(VersionTable { table: RwLock::new(Some(Arc::new(table))), clock, path, durable })
