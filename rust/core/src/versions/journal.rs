@@ -1,6 +1,8 @@
 //! Journal records: the versions one `check_and_set_many` commit raised, as
 //! a msgpack array of `[key: bin, version: uint]` pairs.
 
+use super::{MAX_KEY, MAX_VERSION};
+
 /// Encodes `entries` as one record.
 pub(super) fn encode<'a>(entries: impl ExactSizeIterator<Item = (&'a [u8], u64)>) -> Vec<u8> {
     let mut out = Vec::with_capacity(5 + entries.len() * 24);
@@ -15,7 +17,9 @@ pub(super) fn encode<'a>(entries: impl ExactSizeIterator<Item = (&'a [u8], u64)>
     out
 }
 
-/// Calls `f` with each `(key, version)` of `record`, in order.
+/// Calls `f` with each `(key, version)` of `record`, in order. Keys and
+/// versions are checked as the API checks them: a record keylane did not
+/// write is an error, never half-believed.
 pub(super) fn decode(mut record: &[u8], mut f: impl FnMut(&[u8], u64)) -> Result<(), String> {
     let rd = &mut record;
     let bad = |e: &dyn std::fmt::Display| format!("unreadable journal record: {e}");
@@ -26,12 +30,18 @@ pub(super) fn decode(mut record: &[u8], mut f: impl FnMut(&[u8], u64)) -> Result
             return Err(bad(&format!("an entry of {pair} fields")));
         }
         let len = rmp::decode::read_bin_len(rd).map_err(|e| bad(&e))? as usize;
+        if len == 0 || len > MAX_KEY {
+            return Err(bad(&format!("a key of {len} bytes")));
+        }
         if rd.len() < len {
             return Err(bad(&"truncated key"));
         }
         let (key, rest) = rd.split_at(len);
         *rd = rest;
         let version: u64 = rmp::decode::read_int(rd).map_err(|e| bad(&e))?;
+        if version > MAX_VERSION {
+            return Err(bad(&format!("version {version}")));
+        }
         f(key, version);
     }
     if !rd.is_empty() {
@@ -64,5 +74,9 @@ mod tests {
         let mut long = record.clone();
         long.push(0);
         assert!(decode(&long, |_, _| {}).is_err());
+        let big_key = vec![b'k'; 512];
+        assert!(decode(&encode([(&big_key[..], 1)].into_iter()), |_, _| {}).is_err());
+        assert!(decode(&encode([(&b""[..], 1)].into_iter()), |_, _| {}).is_err());
+        assert!(decode(&encode([(&b"k"[..], u64::MAX)].into_iter()), |_, _| {}).is_err());
     }
 }
