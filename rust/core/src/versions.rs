@@ -450,11 +450,7 @@ impl VersionTable {
     /// Writes the journal's versions into `versions` and empties it.
     fn fold(&self, txn: &mut RwTxn<'_>, index: &mut Index) -> Txn<()> {
         let Dbs { meta, journal, versions, .. } = self.shared.dbs;
-        let mut sorted = Vec::with_capacity(index.pending_keys());
-        index.for_each_pending_sorted(|key, version| {
-            sorted.push((key, version));
-            Ok::<(), Fault>(())
-        })?;
+        let sorted = index.pending_sorted();
         // Keys in order, one cursor: each B-tree page is copied and written
         // once however many of its keys changed, and keys past the last one
         // (ids that grow) are appended, filling pages whole. When the
@@ -525,7 +521,7 @@ impl VersionTable {
     fn catch_up(&self, txn: &RoTxn, index: &mut Index) -> Txn<()> {
         let Dbs { meta, journal, versions, .. } = self.shared.dbs;
         index.sync_folded(meta_u64(meta, txn, FOLDED, FIRST_RECORD)?);
-        if index.can_load(meta_u64(meta, txn, COUNT, 0)?) {
+        if index.may_load() && index.can_load(meta_u64(meta, txn, COUNT, 0)?) {
             for entry in versions.iter(txn)? {
                 let (key, version) = entry?;
                 index.set(key, version, false);

@@ -78,10 +78,16 @@ impl Index {
         Index { capacity, unloaded: true, ..Index::default() }
     }
 
-    /// May the whole table be loaded? Only while nothing else is known, and
-    /// if it fits the cache.
+    /// Is the index starting over, so that loading the whole table is worth
+    /// asking about? Cheap: checked before every transaction.
+    pub(super) fn may_load(&self) -> bool {
+        self.unloaded && self.table.is_empty()
+    }
+
+    /// May a table of `keys` keys be loaded whole? Only while nothing else
+    /// is known, and if it fits the cache.
     pub(super) fn can_load(&self, keys: u64) -> bool {
-        self.unloaded && self.table.is_empty() && keys <= self.capacity as u64
+        self.may_load() && keys <= self.capacity as u64
     }
 
     /// The whole of `versions` was just loaded (through [`Index::set`]).
@@ -224,22 +230,13 @@ impl Index {
         self.next = seq + 1;
     }
 
-    /// How many keys have a pending version.
-    pub(super) fn pending_keys(&self) -> usize {
-        self.pending
-    }
-
     /// Entries in the journal records not folded.
     pub(super) fn journal_entries(&self) -> usize {
         self.entries
     }
 
-    /// Calls `f` with each pending version, in key order, for a fold; stops
-    /// at the first error.
-    pub(super) fn for_each_pending_sorted<'a, E>(
-        &'a self,
-        mut f: impl FnMut(&'a [u8], u64) -> Result<(), E>,
-    ) -> Result<(), E> {
+    /// The pending versions, in key order, for a fold.
+    pub(super) fn pending_sorted(&self) -> Vec<(&[u8], u64)> {
         // In arena order first: reading the keys then walks the arena
         // instead of jumping around it, and keys that arrived in order (ids
         // that grow) are then already sorted, which one pass can tell.
@@ -247,7 +244,7 @@ impl Index {
         pending.sort_unstable_by_key(|e| e.start);
         let key = |i: usize| Self::key_of(&self.arena, &pending[i]);
         if (1..pending.len()).all(|i| key(i - 1) < key(i)) {
-            return pending.iter().try_for_each(|e| f(Self::key_of(&self.arena, e), e.version));
+            return pending.iter().map(|e| (Self::key_of(&self.arena, e), e.version)).collect();
         }
         // Comparing keys in the arena misses the cache at every step; most
         // comparisons are settled by 16 bytes after the keys' common prefix,
@@ -270,19 +267,7 @@ impl Index {
         order.sort_unstable_by(|a, b| {
             a.0.cmp(&b.0).then_with(|| Self::key_of(arena, &a.1).cmp(Self::key_of(arena, &b.1)))
         });
-        order.iter().try_for_each(|(_, e)| f(Self::key_of(arena, e), e.version))
-    }
-
-    /// The same, collected.
-    #[cfg(test)]
-    fn pending_sorted(&self) -> Vec<(Vec<u8>, u64)> {
-        let mut out = Vec::new();
-        self.for_each_pending_sorted(|k, v| {
-            out.push((k.to_vec(), v));
-            Ok::<(), ()>(())
-        })
-        .unwrap();
-        out
+        order.iter().map(|(_, e)| (Self::key_of(arena, e), e.version)).collect()
     }
 
     /// Every record so far is folded.
@@ -353,7 +338,7 @@ mod tests {
         assert_eq!(idx.raise(b"a", 1), Judged::Stale);
         assert_eq!(idx.raise(b"a", 2), Judged::Raised { new_key: false });
         assert_eq!(idx.get(b"a"), Some(2));
-        assert_eq!(idx.pending_sorted(), vec![(b"a".to_vec(), 2)]);
+        assert_eq!(idx.pending_sorted(), vec![(&b"a"[..], 2)]);
     }
 
     #[test]
@@ -384,7 +369,7 @@ mod tests {
         }
         let mut want: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
         want.sort();
-        let got: Vec<Vec<u8>> = idx.pending_sorted().into_iter().map(|(k, _)| k).collect();
+        let got: Vec<Vec<u8>> = idx.pending_sorted().into_iter().map(|(k, _)| k.to_vec()).collect();
         assert_eq!(got, want);
     }
 
@@ -395,9 +380,9 @@ mod tests {
             idx.set(key, 1, true);
         }
         idx.set(b"k2", 2, true); // a later version, same place in the arena
-        assert_eq!(idx.pending_sorted(), vec![(b"k1".to_vec(), 1), (b"k2".to_vec(), 2), (b"k3".to_vec(), 1)]);
+        assert_eq!(idx.pending_sorted(), vec![(&b"k1"[..], 1), (&b"k2"[..], 2), (&b"k3"[..], 1)]);
         idx.set(b"k0", 1, true); // out of order: the general path
-        let keys: Vec<Vec<u8>> = idx.pending_sorted().into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<&[u8]> = idx.pending_sorted().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, [b"k0", b"k1", b"k2", b"k3"]);
     }
 

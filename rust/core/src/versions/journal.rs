@@ -22,7 +22,12 @@ pub(super) fn encode<'a>(entries: impl ExactSizeIterator<Item = (&'a [u8], u64)>
 /// write is an error, never half-believed.
 pub(super) fn decode(mut record: &[u8], mut f: impl FnMut(&[u8], u64)) -> Result<(), String> {
     let rd = &mut record;
-    let bad = |e: &dyn std::fmt::Display| format!("unreadable journal record: {e}");
+    let bad = |e: &dyn std::fmt::Display| {
+        format!(
+            "unreadable journal record ({e}): the table was changed by something other than keylane, \
+             or damaged on disk; restore it from a copy"
+        )
+    };
     let n = rmp::decode::read_array_len(rd).map_err(|e| bad(&e))?;
     for _ in 0..n {
         let pair = rmp::decode::read_array_len(rd).map_err(|e| bad(&e))?;
