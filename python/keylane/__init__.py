@@ -5,6 +5,8 @@ The public API is re-exported here; ``keylane._native`` is the Rust core.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from keylane._native import (
     Dispatcher,
     Ticket,
@@ -20,6 +22,7 @@ from keylane.app import App
 from keylane.brokers import Faults, MemoryBroker, TopicPartition
 from keylane.errors import (
     BrokerError,
+    BrokerTimeout,
     ConfigError,
     CorruptLogError,
     InvalidArgument,
@@ -32,6 +35,7 @@ from keylane.errors import (
     StoreFormatError,
     StoreFull,
     TicketError,
+    UnknownTopic,
 )
 from keylane.message import Message
 from keylane.metrics import Prometheus
@@ -40,12 +44,14 @@ from keylane.retry import RetryPolicy
 __all__ = [
     "App",
     "BrokerError",
+    "BrokerTimeout",
     "ConfigError",
     "CorruptLogError",
     "Dispatcher",
     "Faults",
     "InvalidArgument",
     "InvalidType",
+    "KafkaBroker",
     "KeylaneError",
     "MemoryBroker",
     "Message",
@@ -60,6 +66,7 @@ __all__ = [
     "Ticket",
     "TicketError",
     "TopicPartition",
+    "UnknownTopic",
     "VersionItems",
     "VersionTable",
     "__version__",
@@ -68,3 +75,21 @@ __all__ = [
     "partitions_for_keys",
     "repartition_moves",
 ]
+
+if TYPE_CHECKING:
+    from keylane.brokers.kafka import KafkaBroker
+
+
+def __getattr__(name: str) -> Any:
+    # The Kafka adapter needs confluent-kafka (the "kafka" extra); importing
+    # keylane does not.
+    if name == "KafkaBroker":
+        try:
+            from keylane.brokers.kafka import KafkaBroker
+        except ImportError as e:
+            raise ImportError(
+                f"keylane.KafkaBroker needs confluent-kafka ({e}); "
+                "install it with: pip install 'keylane[kafka]'"
+            ) from e
+        return KafkaBroker
+    raise AttributeError(f"module 'keylane' has no attribute {name!r}")

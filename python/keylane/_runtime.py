@@ -34,7 +34,7 @@ from keylane._guard import Guard, PoisonMessage
 from keylane._native import Dispatcher, Ticket
 from keylane.brokers.base import Consumer, Fetch, TopicPartition
 from keylane.dlq import DeadLetter
-from keylane.errors import NotAssigned
+from keylane.errors import BrokerError, BrokerTimeout, NotAssigned
 from keylane.message import Message
 from keylane.metrics import SAMPLE_EVERY, Metrics
 
@@ -50,6 +50,11 @@ _FLUSH_EVERY = 64
 _FETCH_WAIT = 0.5
 # The final commit of a forced stop or a cancelled run gets this long.
 _LAST_COMMIT_TIMEOUT = 2.0
+# While the dispatcher is full the feeder still calls fetch(0, 0) this often,
+# so the consumer keeps its group membership and sees rebalances.
+_POLL_WHILE_FULL = 0.2
+# Backoff between retries of a retriable broker error.
+_RETRY_FIRST, _RETRY_MAX = 0.1, 5.0
 _SAMPLE_MASK = SAMPLE_EVERY - 1
 
 
@@ -75,6 +80,9 @@ class Run:
         self.committed: dict[int, int] = {}
         self.ends: dict[TopicPartition, int] = {}
         self.enqueued_at: dict[tuple[int, int], float] = {}
+        # Fetched records the dispatcher did not take (it never should: the
+        # fetch is sized to the room left); pushed before the next fetch.
+        self.overflow: deque[tuple[bytes | None, int, int, Message]] = deque()
         # Worker state.
         self.ready: deque[Ticket] = deque()
         # Partitions being revoked, and retry backoffs in progress.
@@ -187,24 +195,74 @@ class Run:
                 detach()
 
     async def _join(self, task_status: trio.TaskStatus[None]) -> None:
-        await self.consumer.join()
+        await self._retrying("join", self.consumer.join, give_up_after=self.app.broker_timeout)
         task_status.started()
+
+    # ---- broker calls ---------------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """``fn(*args)`` bounded by ``broker_timeout`` (plus a fetch's own
+        wait); a call past its bound is a retriable ``BrokerTimeout``."""
+        bound = self.app.broker_timeout + (args[1] if what == "fetch" else 0.0)
+        try:
+            with trio.fail_after(bound):
+                return await fn(*args)
+        except trio.TooSlowError:
+            raise BrokerTimeout(
+                f"group {self.app.group}: {what} did not finish within {bound:.1f}s"
+            ) from None
+
+    async def _retrying(
+        self,
+        what: str,
+        fn: Callable[..., Awaitable[Any]],
+        *args: Any,
+        give_up_after: float | None = None,
+    ) -> Any:
+        """``_call``, retrying retriable broker errors with a doubling
+        backoff; gives up (re-raises) after ``give_up_after`` seconds, or never.
+        ``NotAssigned`` and fatal errors are raised at once."""
+        start = trio.current_time()
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                return await self._call(what, fn, *args)
+            except NotAssigned:  # noqa: PERF203
+                raise
+            except BrokerError as e:
+                waited = trio.current_time() - start
+                if not e.retriable or (give_up_after is not None and waited >= give_up_after):
+                    raise
+                self.metrics.counters["broker_retries"] += 1
+                log.warning(
+                    "group %s: %s failed (%s); retrying in %.1fs", self.app.group, what, e, delay
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
 
     async def _finish(self, *, graceful: bool) -> None:
         self.finished = True
         try:
             with trio.fail_after(self.app.shutdown_timeout if graceful else _LAST_COMMIT_TIMEOUT):
                 await self._commit()
-        except trio.TooSlowError:
+        except (trio.TooSlowError, BrokerTimeout):
             log.error(
                 "group %s: final commit timed out; uncommitted messages will be redelivered",
                 self.app.group,
             )
         except NotAssigned as e:
             log.warning("group %s: final commit refused: %s", self.app.group, e)
+        except BrokerError as e:
+            log.error(
+                "group %s: final commit failed (%s); uncommitted messages will be redelivered",
+                self.app.group,
+                e,
+            )
         finally:
-            with trio.move_on_after(_LAST_COMMIT_TIMEOUT):
-                await self.consumer.close()
+            try:
+                await self._call("close", self.consumer.close)
+            except BrokerError as e:
+                log.warning("group %s: leaving the group failed: %s", self.app.group, e)
         log.info("group %s: stopped; %s", self.app.group, self.metrics.counters)
 
     async def _signals(self, task_status: trio.TaskStatus[None]) -> None:
@@ -222,12 +280,20 @@ class Run:
     async def _feed(self) -> None:
         d, consumer, app = self.d, self.consumer, self.app
         while not self.stopping:
+            if self.overflow:
+                self._push_overflow()
             room = d.free_capacity
             if room == 0:
-                await self.space.park()
+                # Full: wait for room, but keep talking to the broker (an
+                # empty fetch) so the member stays in its group and a
+                # rebalance is still served.
+                with trio.move_on_after(_POLL_WHILE_FULL):
+                    await self.space.park()
+                if d.free_capacity == 0 or self.overflow:
+                    await self._rebalance(await self._retrying("fetch", consumer.fetch, 0, 0.0))
                 continue
             wait = 0.05 if self.until_idle else _FETCH_WAIT
-            fetch = await consumer.fetch(min(room, app.fetch_max), wait)
+            fetch = await self._retrying("fetch", consumer.fetch, min(room, app.fetch_max), wait)
             await self._rebalance(fetch)
             self.ends.update(fetch.ends)
             pushed = self._push(fetch)
@@ -278,10 +344,26 @@ class Run:
             self.metrics.counters["redelivered_dropped"] += dropped
         if entries:
             accepted = self.d.push_many(entries)
-            # The feeder is the only pusher and sized the fetch to the room
-            # left, and retries do not take room: all of it fits.
-            assert accepted == len(entries), (accepted, len(entries))
-        return len(entries)
+            if accepted < len(entries):
+                # Cannot happen while the feeder is the only pusher and sizes
+                # each fetch to the room left; if it does, nothing is lost.
+                log.warning(
+                    "group %s: dispatcher took %d of %d fetched records; holding the rest",
+                    self.app.group,
+                    accepted,
+                    len(entries),
+                )
+                self.overflow.extend(entries[accepted:])
+            return accepted
+        return 0
+
+    def _push_overflow(self) -> None:
+        held = list(self.overflow)
+        accepted = self.d.push_many(held) if held else 0
+        self.overflow = deque(held[accepted:])
+        if accepted:
+            self.metrics.counters["consumed"] += accepted
+            self.work.unpark(count=accepted)
 
     async def _rebalance(self, fetch: Fetch) -> None:
         if fetch.lost:
@@ -313,6 +395,9 @@ class Run:
         ids = sorted({self.tp_ids[tp] for tp in tps if tp in self.tp_ids})
         self.draining.update(ids)
         dropped = self.d.drop_queued(ids)
+        if self.overflow:
+            gone = set(ids)
+            self.overflow = deque(e for e in self.overflow if e[1] not in gone)
         # Popped but not started: put back and drop too.
         keep: deque[Ticket] = deque()
         for t in self.ready:
@@ -337,7 +422,18 @@ class Run:
                 self.app.group,
                 sorted(tps),
             )
-        await self._commit(only=set(ids))
+        try:
+            await self._commit(only=set(ids), give_up_after=self.app.broker_timeout)
+        except BrokerError as e:
+            # Not committing is safe (the next owner redelivers from the last
+            # commit); committing past an unhandled message would not be.
+            log.error(
+                "group %s: commit before giving up %s failed (%s); the next owner "
+                "redelivers from the last committed offsets",
+                self.app.group,
+                sorted(tps),
+                e,
+            )
         self.d.revoke(ids)
         self._forget(tps, ids)
         self.draining.difference_update(ids)
@@ -347,7 +443,10 @@ class Run:
             sorted(tps),
             dropped,
         )
-        await self.consumer.release(tps)
+        try:
+            await self._call("release", self.consumer.release, tps)
+        except BrokerError as e:
+            log.warning("group %s: release of %s failed: %s", self.app.group, sorted(tps), e)
 
     def _forget(self, tps: frozenset[TopicPartition], ids: Any) -> None:
         self.owned.difference_update(tps)
@@ -572,8 +671,16 @@ class Run:
                     self.app.group,
                     e,
                 )
+            except BrokerError as e:
+                if not e.retriable:
+                    raise
+                # The next interval commits the (then larger) watermark.
+                self.metrics.counters["broker_retries"] += 1
+                log.warning("group %s: commit failed (%s); retrying", self.app.group, e)
 
-    async def _commit(self, *, only: set[int] | None = None) -> None:
+    async def _commit(
+        self, *, only: set[int] | None = None, give_up_after: float | None = 0.0
+    ) -> None:
         async with self.commit_lock:
             self._flush()
             # Offsets first, versions second, commit third: every message
@@ -589,9 +696,11 @@ class Run:
                 if tp in self.owned and self.committed.get(tpid) != offset:
                     offsets[tp] = offset
             if not offsets:
-                await self.consumer.heartbeat()
+                await self._call("heartbeat", self.consumer.heartbeat)
                 return
-            await self.consumer.commit(offsets)
+            await self._retrying(
+                "commit", self.consumer.commit, offsets, give_up_after=give_up_after
+            )
             for tp, offset in offsets.items():
                 self.committed[self.tp_ids[tp]] = offset
             self.metrics.counters["commits"] += 1

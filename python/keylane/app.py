@@ -87,6 +87,11 @@ class App:
     - ``shutdown_timeout``: how long running handlers get on stop and how
       long a rebalance waits to drain (default 30 s).
     - ``commit_interval``: seconds between offset commits (default 1).
+    - ``broker_timeout``: the bound on every broker call (join, commit,
+      release, close; a fetch gets its own wait on top), default 30 s. A
+      call past it is a retriable ``BrokerTimeout``; retriable errors are
+      retried with a backoff (fetches forever, a join for
+      ``broker_timeout``), fatal ones end ``run``.
     - ``fetch_max``: records per fetch at most (default 4,096).
     - ``metrics``: ``keylane.Prometheus(port=...)``, or a prometheus-client
       ``CollectorRegistry``; ``app.stats()`` works without either.
@@ -111,6 +116,7 @@ class App:
         id_of: Callable[[Message], bytes | str | None] | None = None,
         shutdown_timeout: float = 30.0,
         commit_interval: float = 1.0,
+        broker_timeout: float = 30.0,
         fetch_max: int = 4096,
         metrics: Any = None,
     ) -> None:
@@ -151,6 +157,7 @@ class App:
         self.on_exhausted = on_exhausted
         self.shutdown_timeout = _positive_seconds("shutdown_timeout", shutdown_timeout)
         self.commit_interval = _positive_seconds("commit_interval", commit_interval)
+        self.broker_timeout = _positive_seconds("broker_timeout", broker_timeout)
         self._versions_arg = versions
         self._versions_table: VersionTable | None = None
         if versions is not None and not isinstance(versions, (VersionTable, str, os.PathLike)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "BrokerError",
+    "BrokerTimeout",
     "ConfigError",
     "CorruptLogError",
     "InvalidArgument",
@@ -25,6 +26,7 @@ __all__ = [
     "StoreFormatError",
     "StoreFull",
     "TicketError",
+    "UnknownTopic",
 ]
 
 
@@ -74,7 +76,30 @@ class ConfigError(InvalidArgument):
 
 
 class BrokerError(KeylaneError, ConnectionError):
-    """A broker could not do what was asked (produce, fetch, commit)."""
+    """A broker could not do what was asked (join, fetch, commit, produce).
+
+    ``retriable`` says whether the same call may succeed if tried again (the
+    runtime retries those with a backoff); ``code`` is the broker client's
+    own error name where it has one (e.g. librdkafka's ``_TRANSPORT``).
+    """
+
+    def __init__(self, message: str, *, retriable: bool = False, code: str | None = None) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+        self.code = code
+
+
+class BrokerTimeout(BrokerError, TimeoutError):
+    """A broker call did not finish within its bound. Retriable: nothing was
+    lost, and the runtime tries again after a backoff."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, retriable=True, code=code)
+
+
+class UnknownTopic(BrokerError):
+    """A topic the App consumes or produces to does not exist on the broker
+    (create it first: the Kafka adapter never creates topics implicitly)."""
 
 
 class NotAssigned(BrokerError):

@@ -33,6 +33,7 @@ COUNTERS = (
     ("duplicates_skipped", "Messages whose id was seen within the dedupe window."),
     ("redelivered_dropped", "Records fetched again while already queued or done."),
     ("commits", "Offset commits sent to the broker."),
+    ("broker_retries", "Broker calls (fetch, commit, join) that failed and were retried."),
 )
 
 

@@ -8,6 +8,26 @@ arrive in ``Fetch.revoked``; the consumer keeps them until the runtime has
 drained and committed them and calls ``release``. Only then may another
 member of the group start on them, which is what keeps one key from being
 processed in two places at once during a rebalance.
+
+What the runtime promises every adapter, and asks of it:
+
+- **Bounded calls.** Every call is made under a timeout (``App``'s
+  ``broker_timeout``; a fetch gets its ``max_wait`` on top) and may be
+  cancelled there. An adapter must stay usable after a cancelled call: work
+  it handed to a thread is kept, not lost (the next call picks it up).
+- **Errors.** Raise ``BrokerError`` (or a subclass) with ``retriable=True``
+  for what may succeed if tried again: the runtime retries it with a
+  backoff. Anything else ends the run. ``NotAssigned`` from ``commit`` means
+  a rebalance took the partitions; the runtime waits for the fetch that
+  reports it.
+- **Backpressure.** While the runtime has no room it does not stop calling
+  the consumer: at least every 0.2 s it calls ``fetch(0, 0.0)``. With
+  ``max_records == 0`` an adapter returns no records, only assignment
+  changes, and may pause fetching from the broker (Kafka pauses its
+  partitions); the next fetch with ``max_records > 0`` resumes. So a member
+  stays in its group however long handlers take, and still sees rebalances.
+- **Commits** are next-offset-to-read per partition, exactly the watermark:
+  the runtime never asks to commit past a message that is not done.
 """
 
 from __future__ import annotations

@@ -30,7 +30,14 @@ import trio
 from keylane._native import partition_for_key
 from keylane.brokers import _log_file
 from keylane.brokers.base import Fetch, TopicPartition
-from keylane.errors import ConfigError, CorruptLogError, InvalidArgument, InvalidType, NotAssigned
+from keylane.errors import (
+    BrokerError,
+    ConfigError,
+    CorruptLogError,
+    InvalidArgument,
+    InvalidType,
+    NotAssigned,
+)
 from keylane.message import (
     HeaderValue,
     KeyLike,
@@ -70,18 +77,35 @@ class Faults:
     rewound to its committed offset, so recent records come again (what a
     consumer reconnect does). ``duplicate``: probability per chunk that its
     last record is delivered twice. ``fetch_delay``: seconds added to every
-    fetch. ``seed`` makes the choices repeatable. All off by default.
+    fetch. ``fetch_error`` / ``commit_error``: probability per call that a
+    fetch or commit fails with a retriable ``BrokerError`` (a failed commit
+    commits nothing). ``stall``: probability per fetch or commit that the
+    call hangs for ``stall_seconds`` first (a broker that stops answering).
+    ``seed`` makes the choices repeatable. All off by default.
     """
 
     redeliver: float = 0.0
     duplicate: float = 0.0
     fetch_delay: float = 0.0
+    fetch_error: float = 0.0
+    commit_error: float = 0.0
+    stall: float = 0.0
+    stall_seconds: float = 60.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_number("redeliver", self.redeliver, low=0, high=1)
-        _check_number("duplicate", self.duplicate, low=0, high=1)
+        for name in ("redeliver", "duplicate", "fetch_error", "commit_error", "stall"):
+            _check_number(name, getattr(self, name), low=0, high=1)
         _check_number("fetch_delay", self.fetch_delay, low=0)
+        _check_number("stall_seconds", self.stall_seconds, low=0)
+
+    async def inject(self, rng: random.Random, call: str, error: float) -> None:
+        """Stalls and/or fails one ``call`` as the probabilities say."""
+        if self.stall and rng.random() < self.stall:
+            log.warning("faults: %s stalls for %.1fs", call, self.stall_seconds)
+            await trio.sleep(self.stall_seconds)
+        if error and rng.random() < error:
+            raise BrokerError(f"faults: injected {call} error", retriable=True, code="INJECTED")
 
 
 @dataclasses.dataclass(eq=False)
@@ -500,8 +524,11 @@ class MemoryConsumer:
     async def fetch(self, max_records: int, max_wait: float) -> Fetch:
         b = self._broker
         deadline = trio.current_time() + max_wait
-        if b.faults.fetch_delay:
-            await trio.sleep(b.faults.fetch_delay)
+        faults = b.faults
+        if faults.fetch_delay:
+            await trio.sleep(faults.fetch_delay)
+        if faults.stall or faults.fetch_error:
+            await faults.inject(b._rng, "fetch", faults.fetch_error)
         while True:
             g, m = self._alive()
             fetch = self._collect(g, m, max_records)
@@ -555,8 +582,11 @@ class MemoryConsumer:
         return Fetch(chunks, assigned, revoked, lost, ends, at_end, settled)
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        g, m = self._alive()
         b = self._broker
+        faults = b.faults
+        if faults.stall or faults.commit_error:
+            await faults.inject(b._rng, "commit", faults.commit_error)
+        g, m = self._alive()
         for tp, offset in offsets.items():
             if g.owner.get(tp) != m.id:
                 raise NotAssigned(

@@ -1,0 +1,256 @@
+"""The broker contract: what the runtime relies on, checked on every adapter.
+
+Each test runs on MemoryBroker and on the real Kafka broker (``harness``).
+Real time throughout: a real broker cannot follow a virtual clock. Every
+wait is bounded.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import trio
+
+import keylane
+from keylane.brokers import Consumer, Fetch, TopicPartition
+from tests.brokers.conftest import Harness
+from tests.conftest import OrderChecker
+from tests.kafka_server import unique
+
+
+async def fetch_until(
+    c: Consumer, done: object, *, bound: float, max_records: int = 1000
+) -> list[Fetch]:
+    """Fetches until ``done(fetches)`` holds; fails after ``bound`` seconds."""
+    fetches: list[Fetch] = []
+    assert callable(done)
+    with trio.move_on_after(bound) as cs:
+        while not done(fetches):
+            fetches.append(await c.fetch(max_records, 0.2))
+    assert not cs.cancelled_caught, f"condition not met within {bound}s: {fetches[-3:]}"
+    return fetches
+
+
+def records(fetches: list[Fetch]) -> list[keylane.Message]:
+    return [m for f in fetches for _, chunk in f.chunks for m in chunk]
+
+
+def assigned(fetches: list[Fetch]) -> set[TopicPartition]:
+    out: set[TopicPartition] = set()
+    for f in fetches:
+        out -= f.revoked | f.lost
+        out |= f.assigned
+    return out
+
+
+def produce(h: Harness, topic: str, n: int, keys: int) -> None:
+    for i in range(n):
+        h.broker.produce(topic, key=f"k{i % keys}", value=str(i), headers={"seq": str(i)})
+    h.flush()
+
+
+async def test_join_assigns_every_partition_to_a_lone_member(harness: Harness) -> None:
+    topic = harness.topic(4)
+    c = harness.broker.consumer(unique("group"), [topic])
+    await c.join()
+    fetches = await fetch_until(c, lambda fs: len(assigned(fs)) == 4, bound=harness.join_bound)
+    assert assigned(fetches) == {TopicPartition(topic, p) for p in range(4)}
+    assert c.assignment() == assigned(fetches)
+    await c.close()
+
+
+async def test_fetches_keep_partition_order_and_place_keys_by_murmur2(harness: Harness) -> None:
+    topic = harness.topic(3)
+    produce(harness, topic, 600, keys=37)
+    c = harness.broker.consumer(unique("group"), [topic])
+    await c.join()
+    fetches = await fetch_until(
+        c, lambda fs: len(records(fs)) >= 600, bound=harness.join_bound, max_records=100
+    )
+    got = records(fetches)
+    assert len(got) == 600
+    by_partition: dict[int, list[int]] = defaultdict(list)
+    for m in got:
+        assert m.partition == keylane.partition_for_key(m.key or b"", 3)
+        by_partition[m.partition].append(m.offset)
+    for p, offsets in by_partition.items():
+        assert offsets == list(range(len(offsets))), f"partition {p} out of order"
+    assert sorted(int(m.headers["seq"]) for m in got) == list(range(600))
+    for f in fetches:
+        for _, chunk in f.chunks:
+            assert len(chunk) <= 100
+    await c.close()
+
+
+async def test_fetch_zero_returns_no_records_and_keeps_membership(harness: Harness) -> None:
+    topic = harness.topic(2)
+    produce(harness, topic, 50, keys=5)
+    c = harness.broker.consumer(unique("group"), [topic])
+    await c.join()
+    fetches = await fetch_until(c, lambda fs: len(assigned(fs)) == 2, bound=harness.join_bound)
+    held = records(fetches)
+    # Full: only empty fetches for a while. Nothing may come back, nothing
+    # may be lost: afterwards every record arrives exactly once.
+    for _ in range(10):
+        f = await c.fetch(0, 0.0)
+        assert not f.chunks
+        assert not f.revoked
+        assert not f.lost
+        await trio.sleep(0.05)
+    more = await fetch_until(
+        c, lambda fs: len(held) + len(records(fs)) >= 50, bound=harness.join_bound
+    )
+    seqs = sorted(int(m.headers["seq"]) for m in held + records(more))
+    assert seqs == list(range(50))
+    await c.close()
+
+
+async def test_commit_then_a_new_member_resumes_from_it(harness: Harness) -> None:
+    topic = harness.topic(2)
+    produce(harness, topic, 100, keys=10)
+    group = unique("group")
+    c = harness.broker.consumer(group, [topic])
+    await c.join()
+    got = records(
+        await fetch_until(c, lambda fs: len(records(fs)) >= 100, bound=harness.join_bound)
+    )
+    ends = harness.end_offsets(topic)
+    # Commit half of each partition.
+    half = {TopicPartition(topic, p): end // 2 for p, end in enumerate(ends)}
+    await c.commit(half)
+    assert harness.committed(group) == half
+    await c.close()
+    c2 = harness.new_broker().consumer(group, [topic])
+    await c2.join()
+    again = records(
+        await fetch_until(
+            c2,
+            lambda fs: len(records(fs)) >= sum(e - e // 2 for e in ends),
+            bound=harness.join_bound,
+        )
+    )
+    for m in again:
+        assert m.offset >= half[TopicPartition(topic, m.partition)]
+    assert len(again) == sum(e - e // 2 for e in ends)
+    assert len(got) == 100
+    await c2.close()
+
+
+async def test_uncommitted_records_are_delivered_again(harness: Harness) -> None:
+    topic = harness.topic(2)
+    produce(harness, topic, 40, keys=4)
+    group = unique("group")
+    c = harness.broker.consumer(group, [topic])
+    await c.join()
+    first = records(
+        await fetch_until(c, lambda fs: len(records(fs)) >= 40, bound=harness.join_bound)
+    )
+    await c.close()
+    c2 = harness.new_broker().consumer(group, [topic])
+    await c2.join()
+    second = records(
+        await fetch_until(c2, lambda fs: len(records(fs)) >= 40, bound=harness.join_bound)
+    )
+    key = lambda m: (m.partition, m.offset)  # noqa: E731
+    assert sorted(map(key, first)) == sorted(map(key, second))
+    await c2.close()
+
+
+async def test_rebalance_hands_over_only_after_release(harness: Harness) -> None:
+    topic = harness.topic(4)
+    group = unique("group")
+    a = harness.broker.consumer(group, [topic])
+    await a.join()
+    await fetch_until(a, lambda fs: len(assigned(fs)) == 4, bound=harness.join_bound)
+    b = harness.new_broker().consumer(group, [topic])
+    async with trio.open_nursery() as nursery:
+        b_fetches: list[Fetch] = []
+
+        async def run_b() -> None:
+            await b.join()
+            with trio.move_on_after(harness.join_bound):
+                while len(assigned(b_fetches)) < 2:
+                    b_fetches.append(await b.fetch(100, 0.2))
+
+        nursery.start_soon(run_b)
+        a_fetches = await fetch_until(
+            a, lambda fs: any(f.revoked for f in fs), bound=harness.join_bound
+        )
+        revoked = frozenset().union(*(f.revoked for f in a_fetches))
+        assert revoked, "the first member gave nothing up"
+        # Until released, the revoked partitions belong to nobody else.
+        await trio.sleep(0.5)
+        assert not (assigned(b_fetches) & revoked)
+        assert revoked <= a.assignment()
+        await a.commit(dict.fromkeys(revoked, 0))
+        await a.release(revoked)
+        assert not (a.assignment() & revoked)
+    assert assigned(b_fetches) | (a.assignment() - revoked) == {
+        TopicPartition(topic, p) for p in range(4)
+    }
+    assert not (assigned(b_fetches) & a.assignment())
+    await a.close()
+    await b.close()
+
+
+async def test_commit_of_a_partition_not_owned_is_refused(harness: Harness) -> None:
+    topic = harness.topic(1)
+    c = harness.broker.consumer(unique("group"), [topic])
+    await c.join()
+    await fetch_until(c, lambda fs: len(assigned(fs)) == 1, bound=harness.join_bound)
+    with pytest.raises(keylane.NotAssigned, match="/7"):
+        await c.commit({TopicPartition(topic, 7): 0})
+    await c.close()
+
+
+async def test_produce_keys_values_and_headers_round_trip(harness: Harness) -> None:
+    topic = harness.topic(3)
+    big = {f"h{i}": bytes([i]) * 1000 for i in range(20)}
+    sent = [
+        (b"", b"empty key", {"a": b"1"}),
+        (b"\x00\xff\x80binary", b"", {}),
+        (None, b"no key", {"n": b"", "u": "é".encode()}),
+        ("é-str".encode(), b"v" * 10_000, big),
+    ]
+    for key, value, headers in sent:
+        harness.broker.produce(topic, key, value, headers)
+    harness.flush()
+    c = harness.broker.consumer(unique("group"), [topic])
+    await c.join()
+    got = records(await fetch_until(c, lambda fs: len(records(fs)) >= 4, bound=harness.join_bound))
+    seen = sorted((m.key or b"-", m.value, dict(m.headers)) for m in got)
+    assert seen == sorted((k or b"-", v, h) for k, v, h in sent)
+    for m in got:
+        if m.key is not None:
+            assert m.partition == keylane.partition_for_key(m.key, 3)
+        assert m.timestamp > 1.7e9
+    await c.close()
+
+
+async def test_app_keeps_per_key_order_and_commits_the_log_ends(harness: Harness) -> None:
+    topic = harness.topic(6)
+    n, keys = 3000, 50
+    for i in range(n):
+        harness.broker.produce(topic, key=f"k{i % keys}", value=b"", headers={"version": str(i)})
+    harness.flush()
+    group = unique("group")
+    app = keylane.App(
+        harness.broker, topics=[topic], group=group, concurrency=64, commit_interval=0.2
+    )
+    check = OrderChecker()
+
+    @app.handler
+    async def handle(msg: keylane.Message) -> None:
+        check.start(msg)
+        await trio.sleep(0.0005 * (msg.offset % 3))
+        check.end(msg)
+
+    with trio.fail_after(harness.join_bound + 60):
+        await app.run(until_idle=True, handle_signals=False)
+    check.assert_ordered()
+    assert check.count == n
+    ends = harness.end_offsets(topic)
+    assert harness.committed(group) == {
+        TopicPartition(topic, p): e for p, e in enumerate(ends) if e
+    }
