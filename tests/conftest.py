@@ -56,6 +56,16 @@ class OrderChecker:
             bad = [(a, b) for a, b in pairs if (b <= a if strictly else b < a)]
             assert not bad, f"key {key!r} went back: {bad[:5]}"
 
+    def assert_ordered_with_replays(self, max_replays: int) -> None:
+        """Per-key order under at-least-once: a key's versions increase,
+        except where a redelivery (after a rebalance or a restart) replays
+        from the partition's last commit — then they increase again. At most
+        ``max_replays`` replays per key, and no key ran twice at once."""
+        assert self.overlaps == [], f"keys ran concurrently: {self.overlaps[:5]}"
+        for key, seen in self.versions.items():
+            replays = [(a, b) for a, b in itertools.pairwise(seen) if b <= a]
+            assert len(replays) <= max_replays, f"key {key!r} went back: {replays[:5]}"
+
 
 @pytest.fixture
 def thread_safe_clock() -> trio.testing.MockClock:

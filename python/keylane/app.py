@@ -15,17 +15,21 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import trio
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 from keylane import _guard
 from keylane._native import VersionTable
 from keylane._runtime import Run
 from keylane.brokers.base import Broker
 from keylane.dlq import replay
-from keylane.errors import ConfigError, InvalidType
+from keylane.errors import ConfigError, InvalidType, KeylaneError
 from keylane.message import Message
 from keylane.metrics import Metrics, Prometheus
 from keylane.retry import RetryPolicy
@@ -53,6 +57,13 @@ def _positive_seconds(name: str, value: object) -> float:
     ):
         raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(value)
+
+
+def _sole_keylane_error(group: BaseExceptionGroup[BaseException]) -> KeylaneError | None:
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    return inner if isinstance(inner, KeylaneError) else None
 
 
 class App:
@@ -236,6 +247,14 @@ class App:
         self._run = Run(self, until_idle=until_idle)
         try:
             await self._run.main(task_status, handle_signals=handle_signals)
+        except BaseExceptionGroup as group:
+            # One keylane error (a broker that cannot be reached, a topic
+            # that does not exist) is raised as itself, not inside the
+            # groups of the run's nurseries.
+            leaf = _sole_keylane_error(group)
+            if leaf is None:
+                raise
+            raise leaf from None
         finally:
             # stats() after the run reports its last state, not a live view.
             final = self._run.gauges()

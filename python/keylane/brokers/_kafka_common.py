@@ -30,19 +30,78 @@ _REBALANCED = frozenset(
 )
 _UNKNOWN_TOPIC = frozenset({_ERR.UNKNOWN_TOPIC_OR_PART, _ERR._UNKNOWN_TOPIC})
 _TIMED_OUT = frozenset({_ERR._TIMED_OUT, _ERR.REQUEST_TIMED_OUT, _ERR._MSG_TIMED_OUT})
-# Connection trouble librdkafka recovers from by itself (it reconnects).
-_TRANSIENT = frozenset({_ERR._TRANSPORT, _ERR._ALL_BROKERS_DOWN, _ERR._RESOLVE})
+# Trouble librdkafka or the cluster recovers from by itself (reconnects,
+# leader and coordinator moves during a broker restart).
+_TRANSIENT = frozenset(
+    {
+        _ERR._TRANSPORT,
+        _ERR._ALL_BROKERS_DOWN,
+        _ERR._RESOLVE,
+        _ERR._WAIT_COORD,
+        _ERR.NOT_LEADER_FOR_PARTITION,
+        _ERR.LEADER_NOT_AVAILABLE,
+        _ERR.NOT_COORDINATOR,
+        _ERR.COORDINATOR_NOT_AVAILABLE,
+        _ERR.COORDINATOR_LOAD_IN_PROGRESS,
+        _ERR.NETWORK_EXCEPTION,
+    }
+)
+# Options of the consumer only: kept out of the producer's and admin
+# client's config (librdkafka would warn about each one).
+_CONSUMER_ONLY = (
+    "group.",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "partition.assignment.strategy",
+    "auto.offset.reset",
+    "enable.auto.",
+    "auto.commit.",
+    "fetch.",
+    "queued.",
+    "isolation.level",
+    "check.crcs",
+    "enable.partition.eof",
+)
+
+
+class _QuietRepeats(logging.Filter):
+    """Lets each distinct librdkafka log line through at most once per
+    ``every`` seconds: while a broker is down it logs the same failure for
+    every reconnect attempt."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self.last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        # "FAIL [rdkafka#consumer-3] [thrd:...]: ..." differ only by client.
+        key = text.split("]", 2)[-1]
+        now = time.monotonic()
+        if now - self.last.get(key, -self.every) < self.every:
+            return False
+        if len(self.last) > 10_000:
+            self.last.clear()
+        self.last[key] = now
+        return True
+
+
+librdkafka_log = logging.getLogger("keylane.brokers.kafka.librdkafka")
+librdkafka_log.addFilter(_QuietRepeats())
 
 
 def client_config(
-    bootstrap_servers: str, config: Mapping[str, Any], **defaults: Any
+    bootstrap_servers: str, config: Mapping[str, Any], *, consumer: bool = False, **defaults: Any
 ) -> dict[str, Any]:
     """``defaults`` (dots spelled as underscores), then the user's
-    ``config``, then what keylane needs and cannot give up."""
+    ``config`` (consumer options only for a consumer), then what keylane
+    needs and cannot give up."""
     conf = {k.replace("_", "."): v for k, v in defaults.items()}
-    conf.update(config)
+    conf.update((k, v) for k, v in config.items() if consumer or not k.startswith(_CONSUMER_ONLY))
     conf["bootstrap.servers"] = bootstrap_servers
-    conf.setdefault("logger", logging.getLogger("keylane.brokers.kafka.librdkafka"))
+    conf.setdefault("logger", librdkafka_log)
     return conf
 
 

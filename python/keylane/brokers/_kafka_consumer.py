@@ -123,6 +123,7 @@ class KafkaConsumer:
         self._config = client_config(
             broker.bootstrap_servers,
             broker.config,
+            consumer=True,
             group_id=group,
             enable_auto_commit=False,
             enable_auto_offset_store=False,
@@ -154,8 +155,9 @@ class KafkaConsumer:
         self._carry: dict[TopicPartition, list[Message]] = {}
         self._paused = False
         self._ends: dict[TopicPartition, int] = {}
-        self._commit_lock = threading.Lock()
-        self._in_revoke = False
+        # Held by whichever thread calls into the client: a consume hop
+        # (rebalance callbacks included) or a commit.
+        self._client_lock = threading.Lock()
         self._requests: deque[
             tuple[list[confluent_kafka.TopicPartition], concurrent.futures.Future[None]]
         ] = deque()
@@ -272,25 +274,33 @@ class KafkaConsumer:
                 "it was reassigned in a rebalance"
             )
         ktps = [_KTP(tp.topic, tp.partition, off) for tp, off in offsets.items()]
-        request: concurrent.futures.Future[None] | None = None
+        request: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
-            if self._in_revoke:
-                # librdkafka does not answer a commit from another thread
-                # while a rebalance callback runs: the callback's thread,
-                # which waits for the release, makes it.
-                request = concurrent.futures.Future()
-                self._requests.append((ktps, request))
-                self._released.notify_all()
-        # Abandoned on timeout: commits are serialized by _commit_lock, so a
-        # late one can never land after a newer one.
-        if request is not None:
-            await self._broker._in_thread(request.result, abandon=True)
-        else:
-            await self._broker._in_thread(self._commit_sync, ktps, abandon=True)
+            self._requests.append((ktps, request))
+            self._released.notify_all()
+        # Abandoned on timeout: the request stays queued and is made in
+        # order, so a late commit never lands after a newer one.
+        await self._broker._in_thread(self._commit_when_served, request, abandon=True)
+
+    def _commit_when_served(self, request: concurrent.futures.Future[None]) -> None:
+        """Waits until ``request`` is made: by this thread if no consume call
+        runs, else by the consume hop's thread (after its consume returns,
+        or from inside a rebalance callback, where librdkafka expects it)."""
+        while not request.done():
+            if self._client_lock.acquire(timeout=0.05):
+                try:
+                    with self._lock:
+                        self._serve_requests()
+                finally:
+                    self._client_lock.release()
+        request.result()
 
     def _serve_requests(self) -> None:
-        """Makes the commits queued while in a rebalance callback (called
-        with ``_lock`` held, from the callback's thread)."""
+        """Makes the queued commits, in order. Called with ``_lock`` held by
+        the thread that holds ``_client_lock``: librdkafka does not answer a
+        commit made from one thread while another is inside ``consume()``
+        (a rebalance callback in it waits for the release, which waits for
+        that commit)."""
         while self._requests:
             ktps, request = self._requests.popleft()
             self._lock.release()
@@ -305,11 +315,10 @@ class KafkaConsumer:
     def _commit_sync(self, ktps: list[confluent_kafka.TopicPartition]) -> None:
         c = self._c
         assert c is not None
-        with self._commit_lock:
-            try:
-                done = c.commit(offsets=ktps, asynchronous=False)
-            except confluent_kafka.KafkaException as e:
-                raise from_exception(e, "commit") from None
+        try:
+            done = c.commit(offsets=ktps, asynchronous=False)
+        except confluent_kafka.KafkaException as e:
+            raise from_exception(e, "commit") from None
         failed = [tp for tp in done or () if tp.error is not None]
         if failed:
             first = failed[0]
@@ -352,7 +361,13 @@ class KafkaConsumer:
                 return
         self._c = None
         with contextlib.suppress(RuntimeError):  # already closed
-            await self._broker._in_thread(c.close, abandon=True)
+            await self._broker._in_thread(self._close_client, c, abandon=True)
+
+    def _close_client(self, c: confluent_kafka.Consumer) -> None:
+        with self._client_lock:
+            with self._lock:
+                self._serve_requests()
+            c.close()
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -419,6 +434,15 @@ class KafkaConsumer:
         return done
 
     def _consume(self, n: int, wait: float, pause: bool) -> _Batch:
+        with self._client_lock:
+            try:
+                return self._consume_locked(n, wait, pause)
+            finally:
+                # Commits queued while consume() ran are made now.
+                with self._lock:
+                    self._serve_requests()
+
+    def _consume_locked(self, n: int, wait: float, pause: bool) -> _Batch:
         c = self._c
         assert c is not None
         try:
@@ -439,7 +463,15 @@ class KafkaConsumer:
             chunks = _convert(raw, self._errors)
             if chunks:
                 return _Batch(chunks, self._cached_ends(c), at_end=False)
-            ends, at_end = self._query_ends(c)
+            try:
+                ends, at_end = self._query_ends(c)
+            except confluent_kafka.KafkaException as e:
+                # Only the idle check failed (e.g. a leader moving): not
+                # at the end yet, ask again on the next empty fetch.
+                err = e.args[0] if e.args else None
+                if isinstance(err, confluent_kafka.KafkaError):
+                    self._errors(err, f"group {self._group} end offsets")
+                return _Batch(chunks, {}, at_end=False)
             return _Batch(chunks, ends, at_end=at_end and not pause)
         except confluent_kafka.KafkaException as e:
             raise from_exception(e, "consume") from None
@@ -509,7 +541,6 @@ class KafkaConsumer:
                 return
             self._revoking |= tps
             self._new_revoked |= tps
-            self._in_revoke = True
         self._poke()
         deadline = time.monotonic() + self.revoke_timeout
         with self._lock:
@@ -519,7 +550,6 @@ class KafkaConsumer:
                 if left <= 0:
                     break
                 self._released.wait(left)
-            self._in_revoke = False
             self._serve_requests()
             stuck = self._revoking & tps
             if stuck:

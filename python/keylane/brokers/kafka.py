@@ -139,8 +139,6 @@ class KafkaBroker:
                 conf["enable.idempotence"] = conf.get("enable.idempotence", True)
                 conf["on_delivery"] = self._delivered
                 conf["error_cb"] = lambda err: self._errors(err, "producer")
-                for key in ("group.id", "enable.auto.commit"):
-                    conf.pop(key, None)
                 try:
                     self._producer = confluent_kafka.Producer(conf)
                 except confluent_kafka.KafkaException as e:
@@ -243,7 +241,7 @@ class KafkaBroker:
         with self._lock:
             if self._admin is None:
                 conf = client_config(self.bootstrap_servers, self.config)
-                for key in ("group.id", "enable.auto.commit", "partitioner", "enable.idempotence"):
+                for key in ("partitioner", "enable.idempotence"):
                     conf.pop(key, None)
                 conf["error_cb"] = lambda err: self._errors(err, "admin")
                 self._admin = kafka_admin.AdminClient(conf)
@@ -347,20 +345,33 @@ class KafkaBroker:
             ends[ktp.partition] = info.offset
         return ends
 
-    def committed(self, group: str) -> dict[TopicPartition, int]:
-        """A group's committed offsets (next offset to read), where it has one."""
+    def committed(
+        self, group: str, topics: Sequence[str] | None = None
+    ) -> dict[TopicPartition, int]:
+        """A group's committed offsets (next offset to read), where it has
+        one, for ``topics`` (default: every topic of the cluster)."""
         if not isinstance(group, str) or not group:
             raise ConfigError("group must be a non-empty str")
-        request = [confluent_kafka.ConsumerGroupTopicPartitions(group)]
-        found = self._wait(
-            self._get_admin().list_consumer_group_offsets(request), f"offsets of {group!r}"
-        )
-        out: dict[TopicPartition, int] = {}
-        for result in found.values():
-            for ktp in result.topic_partitions or ():
-                if ktp.offset >= 0:
-                    out[TopicPartition(ktp.topic, ktp.partition)] = ktp.offset
-        return out
+        names = self.topics() if topics is None else {t: self.partitions(t) for t in topics}
+        ktps = [confluent_kafka.TopicPartition(t, p) for t, n in names.items() for p in range(n)]
+        if not ktps:
+            return {}
+        # A plain consumer's OffsetFetch, not AdminClient's
+        # list_consumer_group_offsets: librdkafka 2.16.0 crashes (SIGSEGV
+        # in rd_kafka_cgrp_op) handling the latter's response while the
+        # group coordinator moves, e.g. during a broker restart.
+        conf = client_config(self.bootstrap_servers, self.config, consumer=True)
+        conf["group.id"] = group
+        conf["enable.auto.commit"] = False
+        conf["error_cb"] = lambda err: self._errors(err, "offsets")
+        c = confluent_kafka.Consumer(conf)
+        try:
+            found = c.committed(ktps, timeout=self.timeout)
+        except confluent_kafka.KafkaException as e:
+            raise from_exception(e, f"offsets of {group!r}") from None
+        finally:
+            c.close()
+        return {TopicPartition(k.topic, k.partition): k.offset for k in found if k.offset >= 0}
 
 
 def _check_topic(topic: object) -> None:
