@@ -101,6 +101,7 @@ class Run:
         self.feed_scope = trio.CancelScope()
         self.work_scope = trio.CancelScope()
         self.stopping = False
+        self.joined = False
         self.finished = False
         self.forced = False
         self.aborted = False
@@ -196,6 +197,7 @@ class Run:
 
     async def _join(self, task_status: trio.TaskStatus[None]) -> None:
         await self._retrying("join", self.consumer.join, give_up_after=self.app.broker_timeout)
+        self.joined = True
         task_status.started()
 
     # ---- broker calls ---------------------------------------------------------------------
@@ -242,6 +244,8 @@ class Run:
 
     async def _finish(self, *, graceful: bool) -> None:
         self.finished = True
+        if not self.joined:
+            return
         try:
             with trio.fail_after(self.app.shutdown_timeout if graceful else _LAST_COMMIT_TIMEOUT):
                 await self._commit()

@@ -7,7 +7,9 @@ Every option can also come from the environment: ``KEYLANE_<COMMAND>_<OPTION>``
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import logging
 import os
 import sys
@@ -267,6 +269,13 @@ def dlq_replay(
     show_envvar=True,
     help="Move the produced messages out of the cyclic GC's sight before timing.",
 )
+@click.option(
+    "--broker",
+    default="memory",
+    show_envvar=True,
+    help="memory (the in-process broker, against the naive runtime), or "
+    "kafka://HOST:PORT (a real broker, against a bare confluent-kafka loop).",
+)
 @click.option("--check", is_flag=True, help="Exit 1 if the throughput target is missed.")
 def bench(
     messages: int,
@@ -279,6 +288,7 @@ def bench(
     baseline: bool,
     json_path: Path | None,
     gc_freeze: bool,
+    broker: str,
     check: bool,
 ) -> None:
     """Measures keylane's runtime on the in-memory broker: messages per
@@ -290,6 +300,19 @@ def bench(
     workload = Workload(messages, keys, partitions, ordering, concurrency, handler_sleep)
     click.echo(f"keylane bench: {workload.describe()}")
     click.echo(f"machine: {report.machine()}")
+    if broker != "memory":
+        from keylane.bench import kafka
+
+        bootstrap = kafka.parse_url(broker)
+        click.echo(f"broker: Kafka at {bootstrap}")
+        kresult = kafka.run(workload, bootstrap, rounds=rounds, progress=click.echo)
+        for line in kresult.summary():
+            click.echo(line)
+        if json_path is not None:
+            json_path.write_text(json.dumps(dataclasses.asdict(kresult), indent=2) + "\n")
+        if check and kresult.ratio < kafka.TARGET_RATIO:
+            sys.exit(1)
+        return
     result = runner.run(
         workload, rounds=rounds, baseline=baseline, freeze_gc=gc_freeze, progress=click.echo
     )
