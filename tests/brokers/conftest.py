@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import trio
 
 import keylane
-from keylane.brokers import Broker, TopicPartition
+from keylane.brokers import Broker, Consumer, TopicPartition
 from tests import kafka_server
 
 
@@ -40,6 +42,16 @@ class Harness:
     session_timeout: float
     # How long a join and first assignment may take.
     join_bound: float
+
+    consumers: list[Consumer] = dataclasses.field(default_factory=list)
+
+    def consumer(self, group: str, topics: list[str], *, new_client: bool = False) -> Consumer:
+        """A group member, closed when the test ends (a Kafka consumer that
+        is never closed hangs the process when the GC reaches it)."""
+        broker = self.new_broker() if new_client else self.broker
+        c = broker.consumer(group, topics)
+        self.consumers.append(c)
+        return c
 
     def topic(self, partitions: int) -> str:
         name = kafka_server.unique("contract")
@@ -83,8 +95,14 @@ def kafka_harness(bootstrap: str) -> Harness:
 
 
 @pytest.fixture(params=["memory", pytest.param("kafka", marks=pytest.mark.kafka)])
-def harness(request: pytest.FixtureRequest) -> Harness:
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     if request.param == "memory":
-        return memory_harness()
-    bootstrap: Any = request.getfixturevalue("kafka_bootstrap")
-    return kafka_harness(bootstrap)
+        h = memory_harness()
+    else:
+        bootstrap: Any = request.getfixturevalue("kafka_bootstrap")
+        h = kafka_harness(bootstrap)
+    yield h
+    with trio.move_on_after(30):
+        for c in h.consumers:
+            with contextlib.suppress(keylane.KeylaneError):
+                await c.close()
