@@ -279,7 +279,7 @@ class App:
     def stats(self) -> dict[str, Any]:
         """Counters (consumed, handled, failed, retried, dead_lettered,
         skipped, stale_dropped, duplicates_skipped, redelivered_dropped,
-        commits), gauges while running (in_flight, queued, running,
+        commits, broker_retries), gauges while running (in_flight, queued, running,
         partitions, member, lag per partition) and latency summaries."""
         return self._metrics.snapshot()
 

@@ -12,17 +12,14 @@ also includes its final commit.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import statistics
 import time
 import uuid
 from collections.abc import Callable
 
 import confluent_kafka
-import trio
 
-from keylane.app import App
-from keylane.bench.runner import _timed
+from keylane.bench.runner import keylane_round
 from keylane.bench.workloads import Workload
 from keylane.brokers.kafka import KafkaBroker
 from keylane.errors import ConfigError
@@ -100,23 +97,6 @@ def prepare(broker: KafkaBroker, w: Workload) -> tuple[str, float | None]:
     return topic, time.perf_counter() - started
 
 
-def _keylane_round(broker: KafkaBroker, topic: str, w: Workload) -> float:
-    app = App(
-        broker,
-        topics=[topic],
-        group=f"bench-keylane-{uuid.uuid4().hex[:8]}",
-        ordering=w.ordering,  # type: ignore[arg-type]
-        concurrency=w.concurrency,
-    )
-    app.handler(w.handler())
-    run = functools.partial(app.run, until_idle=True, handle_signals=False)
-    elapsed = trio.run(_timed, run)
-    handled = app.stats()["handled"]
-    if handled != w.messages:
-        raise RuntimeError(f"keylane handled {handled} of {w.messages} messages")
-    return elapsed
-
-
 def _bare_round(bootstrap: str, topic: str, w: Workload) -> float:
     c = confluent_kafka.Consumer(
         {
@@ -156,7 +136,9 @@ def run(
         progress(f"produced {w.messages:,} messages to {topic} in {produce_s:.1f} s")
     result = KafkaResult(w, bootstrap, produce_s)
     for r in range(1, rounds + 1):
-        result.keylane.append(_keylane_round(broker, topic, w))
+        result.keylane.append(
+            keylane_round(broker, w, f"bench-keylane-{uuid.uuid4().hex[:8]}", topic)
+        )
         result.bare.append(_bare_round(bootstrap, topic, w))
         progress(
             f"round {r}: keylane {result.rate(result.keylane[-1]):,.0f} msg/s | bare loop "

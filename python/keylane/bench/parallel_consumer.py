@@ -77,9 +77,9 @@ class Row:
         return "PASS" if self.ratio <= TARGET_RATIO else "MISS"
 
 
-def work(seed: int = 1) -> list[float]:
+def work(seed: int = 1, messages: int = MESSAGES) -> list[float]:
     rng = random.Random(seed)
-    return [rng.uniform(0, MAX_WORK_S) for _ in range(MESSAGES)]
+    return [rng.uniform(0, MAX_WORK_S) for _ in range(messages)]
 
 
 def bound(model: str, keys: int, durations: list[float]) -> float:
@@ -128,9 +128,10 @@ def run_row(
 
     trio.run(functools.partial(app.run, until_idle=True, handle_signals=False))
     elapsed = time.perf_counter() - first[0]
-    if app.stats()["handled"] != MESSAGES:
-        raise RuntimeError(f"handled {app.stats()['handled']} of {MESSAGES}")
-    return Row(model, keys, elapsed, bound(model, keys, durations), PUBLISHED[(model, keys)])
+    if app.stats()["handled"] != len(durations):
+        raise RuntimeError(f"handled {app.stats()['handled']} of {len(durations)}")
+    published = PUBLISHED.get((model, keys), float("nan"))
+    return Row(model, keys, elapsed, bound(model, keys, durations), published)
 
 
 def run(

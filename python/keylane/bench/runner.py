@@ -20,6 +20,7 @@ import trio
 from keylane.app import App
 from keylane.bench.naive import run_naive
 from keylane.bench.workloads import TOPIC, Workload
+from keylane.brokers.base import Broker
 from keylane.brokers.memory import MemoryBroker
 
 TARGET_MSG_PER_S = 300_000
@@ -57,10 +58,11 @@ async def _timed(start: Callable[..., Awaitable[object]]) -> float:
     return time.perf_counter() - began
 
 
-def _keylane_round(broker: MemoryBroker, w: Workload, group: str) -> float:
+def keylane_round(broker: Broker, w: Workload, group: str, topic: str = TOPIC) -> float:
+    """One timed run of keylane over the workload as consumer group ``group``."""
     app = App(
         broker,
-        topics=[TOPIC],
+        topics=[topic],
         group=group,
         ordering=w.ordering,  # type: ignore[arg-type]
         concurrency=w.concurrency,
@@ -102,7 +104,7 @@ def run(
         gc.freeze()
     try:
         for r in range(1, rounds + 1):
-            result.keylane.append(_keylane_round(broker, workload, f"keylane-{r}"))
+            result.keylane.append(keylane_round(broker, workload, f"keylane-{r}"))
             line = f"round {r}: keylane {result.rate(result.keylane[-1]):,.0f} msg/s"
             if baseline:
                 result.naive.append(_naive_round(broker, workload, f"naive-{r}"))
