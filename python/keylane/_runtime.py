@@ -46,6 +46,8 @@ log = logging.getLogger("keylane")
 # Completions are handed back to the dispatcher (releasing their keys) in
 # batches of at most this many, and whenever a worker runs dry.
 _FLUSH_EVERY = 64
+# ... or once the oldest unflushed completion is this old (seconds).
+_FLUSH_AFTER = 0.0002
 # How long a fetch may wait for records before the feeder looks around.
 _FETCH_WAIT = 0.5
 # The final commit of a forced stop or a cancelled run gets this long.
@@ -89,6 +91,8 @@ class Run:
         self.draining: set[int] = set()
         self.retrying: dict[Ticket, trio.CancelScope] = {}
         self.done: list[Ticket] = []
+        # When the oldest ticket in ``done`` completed (perf_counter).
+        self.done_since = 0.0
         self.running = 0
         self.closing = False
         self.rng = random.Random()
@@ -472,6 +476,10 @@ class Run:
             tickets = self.d.pop_ready(self.batch)
             if tickets:
                 self.ready.extend(tickets)
+                # This worker takes one; parked ones take the rest now, not
+                # when this worker's handler is done (with few keys they
+                # would otherwise wait behind it).
+                self.work.unpark(count=len(tickets) - 1)
                 # One checkpoint per batch keeps the feeder and committer
                 # running while handlers that never suspend run back to back.
                 await trio.lowlevel.checkpoint()
@@ -544,8 +552,12 @@ class Run:
                         await guard.record(msg)
                 else:
                     guard.after(msg)
+            if not done:
+                self.done_since = perf_counter()
             done.append(t)
-            if len(done) >= _FLUSH_EVERY:
+            # Batched for throughput, but a completion never waits long: the
+            # key's next message is blocked until it is flushed.
+            if len(done) >= _FLUSH_EVERY or perf_counter() - self.done_since > _FLUSH_AFTER:
                 self._flush()
 
     def _failed(self, t: Ticket, msg: Message, error: Exception) -> None:

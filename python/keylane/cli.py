@@ -316,7 +316,7 @@ def bench(
     if broker != "memory":
         from keylane.bench import kafka
 
-        bootstrap = kafka.parse_url(broker)
+        bootstrap = _kafka_bootstrap(broker)
         click.echo(f"broker: Kafka at {bootstrap}")
         kresult = kafka.run(workload, bootstrap, rounds=rounds, progress=click.echo)
         for line in kresult.summary():
@@ -337,6 +337,15 @@ def bench(
         sys.exit(1)
 
 
+def _kafka_bootstrap(url: str) -> str:
+    from keylane.bench import kafka
+
+    try:
+        return kafka.parse_url(url)
+    except keylane.ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--broker") from None
+
+
 def _bench_parallel_consumer(url: str, json_path: Path | None, check: bool) -> None:
     from keylane.bench import parallel_consumer, report
 
@@ -346,9 +355,7 @@ def _bench_parallel_consumer(url: str, json_path: Path | None, check: bool) -> N
         mem = keylane.MemoryBroker(partitions=1)
         rows = parallel_consumer.run(mem, mem.create_topic, lambda: None, progress=click.echo)
     else:
-        from keylane.bench import kafka
-
-        kb = keylane.KafkaBroker(kafka.parse_url(url))
+        kb = keylane.KafkaBroker(_kafka_bootstrap(url))
         rows = parallel_consumer.run(kb, kb.create_topic, kb.flush_sync, progress=click.echo)
     missed = [r for r in rows if r.verdict == "MISS"]
     click.echo(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import os
 import pathlib
@@ -357,3 +358,32 @@ def test_broker_options_are_validated() -> None:
         broker.produce("../x", key="k")
     with pytest.raises(keylane.InvalidType, match="key"):
         broker.produce("t", key=5)  # type: ignore[arg-type]
+
+
+def test_keylane_bench_on_kafka_writes_both_sides(
+    kafka_bootstrap: str, tmp_path: pathlib.Path
+) -> None:
+    from click.testing import CliRunner
+
+    from keylane.cli import ENV_PREFIX, main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--broker", f"kafka://{kafka_bootstrap}", "-n", "3000", "--keys", "50"]
+    args += ["--partitions", "3", "--rounds", "1", "--json", str(out)]
+    result = CliRunner().invoke(main, args, auto_envvar_prefix=ENV_PREFIX)
+    assert result.exit_code == 0, result.output
+    assert "the bare loop" in result.output
+    data = json.loads(out.read_text())
+    assert len(data["keylane"]) == len(data["bare"]) == 1
+    assert data["keylane"][0] > 0
+    assert data["bare"][0] > 0
+
+
+def test_bench_refuses_a_malformed_broker_url() -> None:
+    from click.testing import CliRunner
+
+    from keylane.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "--broker", "kafka:/x", "-n", "10"])
+    assert result.exit_code == 2
+    assert "kafka://127.0.0.1:9092" in result.output

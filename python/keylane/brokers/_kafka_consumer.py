@@ -155,6 +155,9 @@ class KafkaConsumer:
         self._carry: dict[TopicPartition, list[Message]] = {}
         self._paused = False
         self._ends: dict[TopicPartition, int] = {}
+        # Committed offset of each assigned partition nothing was consumed
+        # from yet (asked once per assignment).
+        self._starts: dict[TopicPartition, int] = {}
         # Held by whichever thread calls into the client: a consume hop
         # (rebalance callbacks included) or a commit.
         self._client_lock = threading.Lock()
@@ -486,21 +489,34 @@ class KafkaConsumer:
 
     def _query_ends(self, c: confluent_kafka.Consumer) -> tuple[dict[TopicPartition, int], bool]:
         """End offsets of the assigned partitions, and whether this member
-        has consumed every one of them up to there."""
+        has consumed every one of them up to there.
+
+        The end offsets are those of the last fetch responses (librdkafka
+        keeps them while it long-polls the partitions); the broker is asked
+        only where none is known yet, and the committed start of a
+        partition nothing was consumed from once per assignment."""
         with self._lock:
             active = [tp for tp in self._owned if tp not in self._revoking]
         ktps = [_KTP(tp.topic, tp.partition) for tp in active]
         positions = {(p.topic, p.partition): p.offset for p in c.position(ktps)} if ktps else {}
-        unknown = [k for k in ktps if positions.get((k.topic, k.partition), -1) < 0]
+        unknown = [
+            k
+            for tp, k in zip(active, ktps, strict=True)
+            if positions.get((k.topic, k.partition), -1) < 0 and tp not in self._starts
+        ]
         if unknown:
             for p in c.committed(unknown, timeout=_QUERY_TIMEOUT):
-                positions[(p.topic, p.partition)] = p.offset
+                self._starts[TopicPartition(p.topic, p.partition)] = p.offset
         ends: dict[TopicPartition, int] = {}
         at_end = True
         for tp, k in zip(active, ktps, strict=True):
-            low, high = _watermarks(c, k, timeout=_QUERY_TIMEOUT, cached=False) or (0, 0)
-            ends[tp] = high
             pos = positions.get((tp.topic, tp.partition), -1)
+            if pos < 0:
+                pos = self._starts.get(tp, -1)
+            low, high = _watermarks(c, k, cached=True) or (-1, -1)
+            if high < 0 or (pos < 0 and low < 0):
+                low, high = _watermarks(c, k, timeout=_QUERY_TIMEOUT, cached=False) or (0, 0)
+            ends[tp] = high
             if pos < 0:
                 pos = low  # nothing committed: auto.offset.reset=earliest
             if pos < high:
@@ -526,6 +542,8 @@ class KafkaConsumer:
         tps = {TopicPartition(p.topic, p.partition) for p in partitions}
         with self._lock:
             self._seen_assignment = True
+            for tp in tps:
+                self._starts.pop(tp, None)
             self._owned |= tps
             self._new_assigned |= tps
             self._new_lost -= tps
