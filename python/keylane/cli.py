@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
@@ -278,12 +279,28 @@ def dlq_replay(
 )
 @click.option(
     "--preset",
-    type=click.Choice(["throughput", "parallel-consumer"]),
+    type=click.Choice(["throughput", "parallel-consumer", "latency"]),
     default="throughput",
     show_envvar=True,
     help="throughput: the no-op workload above against a baseline; parallel-consumer: "
     "the Confluent Parallel Consumer README table (10,000 messages, uniform 0-5 ms, "
-    "concurrency 100, one partition), each row beside its bound and the published seconds.",
+    "concurrency 100, one partition), each row beside its bound and the published seconds; "
+    "latency (Kafka only): produce -> handler start at a steady rate.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=1),
+    default=None,
+    show_envvar=True,
+    help="latency preset: messages per second to produce (default: half the saturation "
+    "throughput, measured first).",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=1),
+    default=10.0,
+    show_envvar=True,
+    help="latency preset: seconds to produce for.",
 )
 @click.option("--check", is_flag=True, help="Exit 1 if the throughput target is missed.")
 def bench(
@@ -299,6 +316,8 @@ def bench(
     gc_freeze: bool,
     broker: str,
     preset: str,
+    rate: float | None,
+    duration: float,
     check: bool,
 ) -> None:
     """Measures keylane's runtime on the in-memory broker: messages per
@@ -311,6 +330,9 @@ def bench(
         _bench_parallel_consumer(broker, json_path, check)
         return
     workload = Workload(messages, keys, partitions, ordering, concurrency, handler_sleep)
+    if preset == "latency":
+        _bench_latency(broker, workload, rate, duration, json_path)
+        return
     click.echo(f"keylane bench: {workload.describe()}")
     click.echo(f"machine: {report.machine()}")
     if broker != "memory":
@@ -344,6 +366,32 @@ def _kafka_bootstrap(url: str) -> str:
         return kafka.parse_url(url)
     except keylane.ConfigError as e:
         raise click.BadParameter(str(e), param_hint="--broker") from None
+
+
+def _bench_latency(
+    url: str, workload: Any, rate: float | None, duration: float, json_path: Path | None
+) -> None:
+    from keylane.bench import kafka, kafka_latency, report
+
+    if url == "memory":
+        raise click.BadParameter(
+            "the latency preset runs on Kafka: --broker kafka://HOST:PORT", param_hint="--preset"
+        )
+    bootstrap = _kafka_bootstrap(url)
+    click.echo(f"keylane bench --preset latency on Kafka at {bootstrap}")
+    click.echo(f"machine: {report.machine()}")
+    saturation_load = dataclasses.replace(workload, messages=min(workload.messages, 300_000))
+
+    def saturation() -> float:
+        return kafka.run(saturation_load, bootstrap, rounds=1).keylane_rate
+
+    result = kafka_latency.run(
+        bootstrap, rate=rate, seconds=duration, saturation=saturation, progress=click.echo
+    )
+    for line in result.summary():
+        click.echo(line)
+    if json_path is not None:
+        json_path.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
 
 
 def _bench_parallel_consumer(url: str, json_path: Path | None, check: bool) -> None:

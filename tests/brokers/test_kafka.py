@@ -387,3 +387,13 @@ def test_bench_refuses_a_malformed_broker_url() -> None:
     result = CliRunner().invoke(main, ["bench", "--broker", "kafka:/x", "-n", "10"])
     assert result.exit_code == 2
     assert "kafka://127.0.0.1:9092" in result.output
+
+
+def test_latency_preset_measures_every_message(kafka_bootstrap: str) -> None:
+    from keylane.bench import kafka_latency
+
+    result = kafka_latency.run(kafka_bootstrap, rate=300, seconds=2)
+    assert result.messages == 600
+    assert 0 < result.p50_ms <= result.p99_ms <= result.p999_ms <= result.max_ms
+    # Produced and handled on one machine: far below a minute, whatever the load.
+    assert result.max_ms < 60_000

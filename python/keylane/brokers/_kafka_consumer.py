@@ -50,6 +50,8 @@ _NO_HEADERS: Mapping[str, bytes] = MappingProxyType({})
 _KTP = confluent_kafka.TopicPartition
 # librdkafka takes at most this many messages per consume call.
 _CONSUME_MAX = 100_000
+# A consume hop returns what it has after at most this long.
+_CONSUME_SLICE = 0.002
 # Bound of each metadata or offsets query made from a consume hop.
 _QUERY_TIMEOUT = 5.0
 
@@ -158,6 +160,7 @@ class KafkaConsumer:
         # Committed offset of each assigned partition nothing was consumed
         # from yet (asked once per assignment).
         self._starts: dict[TopicPartition, int] = {}
+        self._ends_at = 0.0
         # Held by whichever thread calls into the client: a consume hop
         # (rebalance callbacks included) or a commit.
         self._client_lock = threading.Lock()
@@ -462,9 +465,23 @@ class KafkaConsumer:
                 current = c.assignment()
                 if current:
                     c.pause(current)
-            raw = c.consume(n, wait)
+            # librdkafka's batch consume waits for a full batch or the
+            # timeout: in slices, so what has arrived is returned within a
+            # few milliseconds instead of after the whole wait.
+            deadline = time.monotonic() + wait
+            while True:
+                left = deadline - time.monotonic()
+                raw = c.consume(n, max(0.0, min(_CONSUME_SLICE, left)))
+                if raw or left <= _CONSUME_SLICE:
+                    break
             chunks = _convert(raw, self._errors)
             if chunks:
+                # End offsets only feed the lag gauge while records flow:
+                # refreshed twice a second, not per batch.
+                now = time.monotonic()
+                if now - self._ends_at < 0.5:
+                    return _Batch(chunks, {}, at_end=False)
+                self._ends_at = now
                 return _Batch(chunks, self._cached_ends(c), at_end=False)
             try:
                 ends, at_end = self._query_ends(c)
