@@ -76,9 +76,13 @@ def thread_safe_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.02)
 
 
-async def wait_until(condition: Callable[[], bool], step: float = 0.01) -> None:
-    """Polls ``condition`` every ``step`` seconds (of the test's clock)."""
-    for _ in itertools.count():
-        if condition():
-            return
+async def wait_until(
+    condition: Callable[[], bool], step: float = 0.01, bound: float = 60.0
+) -> None:
+    """Polls ``condition`` every ``step`` seconds (of the test's clock);
+    fails after ``bound`` seconds of it."""
+    deadline = trio.current_time() + bound
+    while not condition():
+        if trio.current_time() >= deadline:
+            raise AssertionError(f"condition not met within {bound}s")
         await trio.sleep(step)
