@@ -19,6 +19,7 @@ is ready, and a handler that never suspends runs a whole batch back to back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import signal
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from keylane._broker_calls import BrokerCalls
 from keylane._guard import Guard, PoisonMessage
 from keylane._native import Dispatcher, Ticket
 from keylane.brokers.base import Consumer, Fetch, TopicPartition
@@ -55,8 +57,6 @@ _LAST_COMMIT_TIMEOUT = 2.0
 # While the dispatcher is full the feeder still calls fetch(0, 0) this often,
 # so the consumer keeps its group membership and sees rebalances.
 _POLL_WHILE_FULL = 0.2
-# Backoff between retries of a retriable broker error.
-_RETRY_FIRST, _RETRY_MAX = 0.1, 5.0
 _SAMPLE_MASK = SAMPLE_EVERY - 1
 
 
@@ -72,6 +72,7 @@ class Run:
             max_in_flight=app.concurrency + self.batch,
         )
         self.consumer: Consumer = app.broker.consumer(app.group, app.topics)
+        self.calls = BrokerCalls(app.group, app.broker_timeout, self.metrics)
         self.guard: Guard | None = None
         # Partition ids: the dispatcher numbers partitions densely; several
         # topics share one numbering.
@@ -200,51 +201,9 @@ class Run:
                 detach()
 
     async def _join(self, task_status: trio.TaskStatus[None]) -> None:
-        await self._retrying("join", self.consumer.join, give_up_after=self.app.broker_timeout)
+        await self.calls.retrying("join", self.consumer.join, give_up_after=self.app.broker_timeout)
         self.joined = True
         task_status.started()
-
-    # ---- broker calls ---------------------------------------------------------------------
-
-    async def _call(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """``fn(*args)`` bounded by ``broker_timeout`` (plus a fetch's own
-        wait); a call past its bound is a retriable ``BrokerTimeout``."""
-        bound = self.app.broker_timeout + (args[1] if what == "fetch" else 0.0)
-        try:
-            with trio.fail_after(bound):
-                return await fn(*args)
-        except trio.TooSlowError:
-            raise BrokerTimeout(
-                f"group {self.app.group}: {what} did not finish within {bound:.1f}s"
-            ) from None
-
-    async def _retrying(
-        self,
-        what: str,
-        fn: Callable[..., Awaitable[Any]],
-        *args: Any,
-        give_up_after: float | None = None,
-    ) -> Any:
-        """``_call``, retrying retriable broker errors with a doubling
-        backoff; gives up (re-raises) after ``give_up_after`` seconds, or never.
-        ``NotAssigned`` and fatal errors are raised at once."""
-        start = trio.current_time()
-        delay = _RETRY_FIRST
-        while True:
-            try:
-                return await self._call(what, fn, *args)
-            except NotAssigned:  # noqa: PERF203
-                raise
-            except BrokerError as e:
-                waited = trio.current_time() - start
-                if not e.retriable or (give_up_after is not None and waited >= give_up_after):
-                    raise
-                self.metrics.counters["broker_retries"] += 1
-                log.warning(
-                    "group %s: %s failed (%s); retrying in %.1fs", self.app.group, what, e, delay
-                )
-                await trio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX)
 
     async def _finish(self, *, graceful: bool) -> None:
         self.finished = True
@@ -268,7 +227,7 @@ class Run:
             )
         finally:
             try:
-                await self._call("close", self.consumer.close)
+                await self.calls.call("close", self.consumer.close)
             except BrokerError as e:
                 log.warning("group %s: leaving the group failed: %s", self.app.group, e)
         log.info("group %s: stopped; %s", self.app.group, self.metrics.counters)
@@ -286,7 +245,8 @@ class Run:
     # ---- feeding --------------------------------------------------------------------------
 
     async def _feed(self) -> None:
-        d, consumer, app = self.d, self.consumer, self.app
+        d, app = self.d, self.app
+        fetch_from = functools.partial(self.calls.retrying, "fetch", self.consumer.fetch)
         while not self.stopping:
             if self.overflow:
                 self._push_overflow()
@@ -298,10 +258,10 @@ class Run:
                 with trio.move_on_after(_POLL_WHILE_FULL):
                     await self.space.park()
                 if d.free_capacity == 0 or self.overflow:
-                    await self._rebalance(await self._retrying("fetch", consumer.fetch, 0, 0.0))
+                    await self._rebalance(await fetch_from(0, 0.0))
                 continue
             wait = 0.05 if self.until_idle else _FETCH_WAIT
-            fetch = await self._retrying("fetch", consumer.fetch, min(room, app.fetch_max), wait)
+            fetch = await fetch_from(min(room, app.fetch_max), wait)
             await self._rebalance(fetch)
             self.ends.update(fetch.ends)
             pushed = self._push(fetch)
@@ -452,7 +412,7 @@ class Run:
             dropped,
         )
         try:
-            await self._call("release", self.consumer.release, tps)
+            await self.calls.call("release", self.consumer.release, tps)
         except BrokerError as e:
             log.warning("group %s: release of %s failed: %s", self.app.group, sorted(tps), e)
 
@@ -712,9 +672,9 @@ class Run:
                 if tp in self.owned and self.committed.get(tpid) != offset:
                     offsets[tp] = offset
             if not offsets:
-                await self._call("heartbeat", self.consumer.heartbeat)
+                await self.calls.call("heartbeat", self.consumer.heartbeat)
                 return
-            await self._retrying(
+            await self.calls.retrying(
                 "commit", self.consumer.commit, offsets, give_up_after=give_up_after
             )
             for tp, offset in offsets.items():

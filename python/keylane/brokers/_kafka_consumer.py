@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Collection, Mapping
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import confluent_kafka
 import outcome
@@ -37,6 +35,7 @@ from keylane.brokers._kafka_common import (
     client_config,
     from_exception,
 )
+from keylane.brokers._kafka_records import Batch, convert, watermarks
 from keylane.brokers.base import Fetch, TopicPartition
 from keylane.errors import InvalidArgument, NotAssigned, UnknownTopic
 from keylane.message import Message
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keylane.brokers.kafka")
 
-_NO_HEADERS: Mapping[str, bytes] = MappingProxyType({})
 _KTP = confluent_kafka.TopicPartition
 # librdkafka takes at most this many messages per consume call.
 _CONSUME_MAX = 100_000
@@ -54,65 +52,6 @@ _CONSUME_MAX = 100_000
 _CONSUME_SLICE = 0.002
 # Bound of each metadata or offsets query made from a consume hop.
 _QUERY_TIMEOUT = 5.0
-
-
-@dataclasses.dataclass
-class _Batch:
-    chunks: dict[TopicPartition, list[Message]]
-    ends: dict[TopicPartition, int]
-    # Every assigned partition has been consumed to the end offset queried
-    # in this hop (only computed when the hop consumed nothing).
-    at_end: bool
-
-
-def _convert(
-    raw: list[confluent_kafka.Message], errors: RateLimitedLog
-) -> dict[TopicPartition, list[Message]]:
-    chunks: dict[TopicPartition, list[Message]] = {}
-    last: tuple[str | None, int | None] = (None, None)
-    chunk: list[Message] = []
-    for m in raw:
-        err = m.error()
-        if err is not None:
-            if err.code() == confluent_kafka.KafkaError._PARTITION_EOF:
-                continue
-            e = broker_error(err, "consume")
-            if isinstance(e, UnknownTopic) or not e.retriable:
-                raise e
-            errors(err, "consume")
-            continue
-        topic, partition = m.topic(), m.partition()
-        if (topic, partition) != last:
-            assert topic is not None
-            assert partition is not None
-            last = (topic, partition)
-            chunk = chunks.setdefault(TopicPartition(topic, partition), [])
-        headers = m.headers()
-        offset = m.offset()
-        assert offset is not None
-        chunk.append(
-            Message(
-                topic,  # type: ignore[arg-type]
-                partition,  # type: ignore[arg-type]
-                offset,
-                m.key(),
-                m.value() or b"",
-                _headers(headers) if headers else _NO_HEADERS,
-                m.timestamp()[1] / 1000.0,
-            )
-        )
-    return chunks
-
-
-def _headers(raw: Any) -> dict[str, bytes]:
-    # Kafka allows a header without a value; keylane's headers are bytes.
-    return {k: v or b"" for k, v in raw}
-
-
-def _watermarks(c: confluent_kafka.Consumer, ktp: Any, **kw: Any) -> tuple[int, int] | None:
-    # None when librdkafka has no answer (unknown yet, or timed out).
-    found: tuple[int, int] | None = c.get_watermark_offsets(ktp, **kw)
-    return found
 
 
 class KafkaConsumer:
@@ -153,7 +92,7 @@ class KafkaConsumer:
         # Trio side.
         self._wake = trio.Event()
         self._hop: trio.Event | None = None
-        self._hop_result: outcome.Outcome[_Batch] | None = None
+        self._hop_result: outcome.Outcome[Batch] | None = None
         self._carry: dict[TopicPartition, list[Message]] = {}
         self._paused = False
         self._ends: dict[TopicPartition, int] = {}
@@ -422,7 +361,7 @@ class KafkaConsumer:
         token = self._token
         assert token is not None
 
-        def deliver(result: outcome.Outcome[_Batch]) -> None:
+        def deliver(result: outcome.Outcome[Batch]) -> None:
             def land() -> None:
                 self._hop_result = result
                 done.set()
@@ -439,7 +378,7 @@ class KafkaConsumer:
         )
         return done
 
-    def _consume(self, n: int, wait: float, pause: bool) -> _Batch:
+    def _consume(self, n: int, wait: float, pause: bool) -> Batch:
         with self._client_lock:
             try:
                 return self._consume_locked(n, wait, pause)
@@ -448,7 +387,7 @@ class KafkaConsumer:
                 with self._lock:
                     self._serve_requests()
 
-    def _consume_locked(self, n: int, wait: float, pause: bool) -> _Batch:
+    def _consume_locked(self, n: int, wait: float, pause: bool) -> Batch:
         c = self._c
         assert c is not None
         try:
@@ -474,15 +413,15 @@ class KafkaConsumer:
                 raw = c.consume(n, max(0.0, min(_CONSUME_SLICE, left)))
                 if raw or left <= _CONSUME_SLICE:
                     break
-            chunks = _convert(raw, self._errors)
+            chunks = convert(raw, self._errors)
             if chunks:
                 # End offsets only feed the lag gauge while records flow:
                 # refreshed twice a second, not per batch.
                 now = time.monotonic()
                 if now - self._ends_at < 0.5:
-                    return _Batch(chunks, {}, at_end=False)
+                    return Batch(chunks, {}, at_end=False)
                 self._ends_at = now
-                return _Batch(chunks, self._cached_ends(c), at_end=False)
+                return Batch(chunks, self._cached_ends(c), at_end=False)
             try:
                 ends, at_end = self._query_ends(c)
             except confluent_kafka.KafkaException as e:
@@ -491,15 +430,15 @@ class KafkaConsumer:
                 err = e.args[0] if e.args else None
                 if isinstance(err, confluent_kafka.KafkaError):
                     self._errors(err, f"group {self._group} end offsets")
-                return _Batch(chunks, {}, at_end=False)
-            return _Batch(chunks, ends, at_end=at_end and not pause)
+                return Batch(chunks, {}, at_end=False)
+            return Batch(chunks, ends, at_end=at_end and not pause)
         except confluent_kafka.KafkaException as e:
             raise from_exception(e, "consume") from None
 
     def _cached_ends(self, c: confluent_kafka.Consumer) -> dict[TopicPartition, int]:
         ends: dict[TopicPartition, int] = {}
         for tp in self.assignment():
-            _, high = _watermarks(c, _KTP(tp.topic, tp.partition), cached=True) or (0, -1)
+            _, high = watermarks(c, _KTP(tp.topic, tp.partition), cached=True) or (0, -1)
             if high >= 0:
                 ends[tp] = high
         return ends
@@ -530,9 +469,9 @@ class KafkaConsumer:
             pos = positions.get((tp.topic, tp.partition), -1)
             if pos < 0:
                 pos = self._starts.get(tp, -1)
-            low, high = _watermarks(c, k, cached=True) or (-1, -1)
+            low, high = watermarks(c, k, cached=True) or (-1, -1)
             if high < 0 or (pos < 0 and low < 0):
-                low, high = _watermarks(c, k, timeout=_QUERY_TIMEOUT, cached=False) or (0, 0)
+                low, high = watermarks(c, k, timeout=_QUERY_TIMEOUT, cached=False) or (0, 0)
             ends[tp] = high
             if pos < 0:
                 pos = low  # nothing committed: auto.offset.reset=earliest
