@@ -338,6 +338,16 @@ async def test_unreachable_bootstrap_fails_clearly_within_a_bound() -> None:
     assert time.monotonic() - start < 25
 
 
+def test_producing_to_an_unknown_topic_is_a_clear_error(broker: keylane.KafkaBroker) -> None:
+    missing = unique("missing")
+    with pytest.raises(keylane.UnknownTopic, match=missing):
+        broker.produce(missing, key="k", value=b"v")
+    broker.create_topic(missing, 1)
+    broker.produce(missing, key="k", value=b"v")
+    broker.flush_sync()
+    assert broker.end_offsets(missing) == [1]
+
+
 async def test_unknown_topic_is_a_clear_error(broker: keylane.KafkaBroker) -> None:
     app = keylane.App(broker, topics=[unique("missing")], group=unique("g"))
 

@@ -102,6 +102,7 @@ class KafkaBroker:
         self._errors = RateLimitedLog()
         self._delivery_error: confluent_kafka.KafkaError | None = None
         self._undelivered = 0
+        self._known_topics: set[str] = set()
 
     def __repr__(self) -> str:
         return f"KafkaBroker({self.bootstrap_servers!r})"
@@ -170,7 +171,10 @@ class KafkaBroker:
         The partition is ``partition`` if given, else murmur2 of the key as
         Java's producer does, else a random one for a key-less record. If
         librdkafka's queue is full, waits for room up to the broker's
-        ``timeout``, then raises a retriable ``BrokerError``.
+        ``timeout``, then raises a retriable ``BrokerError``. The first
+        record for a topic checks that the topic exists (one metadata call):
+        a missing topic is an ``UnknownTopic`` at once, not a delivery
+        timeout later.
         """
         _check_topic(topic)
         key_bytes = encode_key(key)
@@ -180,6 +184,9 @@ class KafkaBroker:
             isinstance(partition, bool) or not isinstance(partition, int) or partition < 0
         ):
             raise InvalidArgument(f"partition must be an int >= 0 or None, got {partition!r}")
+        if topic not in self._known_topics:
+            self.partitions(topic)
+            self._known_topics.add(topic)
         p = self._get_producer()
         kwargs: dict[str, Any] = {"key": key_bytes, "headers": header_list}
         if partition is not None:
