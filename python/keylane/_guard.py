@@ -20,6 +20,7 @@ window to the moment between the handler's return and that write.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import trio
@@ -28,6 +29,22 @@ from keylane._native import VersionTable
 from keylane.message import Message
 
 MAX_VERSION = 2**63 - 1
+# What the VersionTable holds: keys of 1..511 bytes, ids of 1..503 (LMDB's
+# key limit; an id's entry also carries its expiry).
+MAX_TABLE_KEY = 511
+MAX_TABLE_ID = 503
+# Keys and ids the table cannot hold as they are (empty, too long) are
+# stored as this prefix + their SHA-256. Anything that already starts with
+# the prefix is hashed too, so a crafted key cannot alias another key's
+# digest: two keys share a table entry only if SHA-256 collides.
+HASHED_PREFIX = b"\x00keylane:sha256:"
+
+
+def table_name(raw: bytes, limit: int) -> bytes:
+    """The VersionTable entry name of a message key or id (see HASHED_PREFIX)."""
+    if 0 < len(raw) <= limit and not raw.startswith(HASHED_PREFIX):
+        return raw
+    return HASHED_PREFIX + hashlib.sha256(raw).digest()
 
 
 class PoisonMessage(Exception):
@@ -71,6 +88,7 @@ class Guard:
         self._limiter = trio.CapacityLimiter(1)
 
     def _version(self, message: Message) -> int | None:
+        # Stale checks are per key: a key-less record has no version.
         if self.version_of is None or message.key is None:
             return None
         try:
@@ -99,10 +117,13 @@ class Guard:
         if mid is None:
             return None
         if isinstance(mid, str):
-            return mid.encode("utf-8")
+            try:
+                mid = mid.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise PoisonMessage(f"id_of returned a str that is not valid text: {e}") from None
         if isinstance(mid, bytes) and mid:
-            return mid
-        raise PoisonMessage(f"id_of returned {mid!r}; ids are non-empty bytes or str (or None)")
+            return table_name(mid, MAX_TABLE_ID)
+        raise PoisonMessage(f"id_of returned {mid!r:.80}; ids are non-empty bytes or str (or None)")
 
     def before(self, message: Message) -> str | None:
         """``"stale"``, ``"duplicate"``, or None (handle it)."""
@@ -113,8 +134,8 @@ class Guard:
             return "duplicate"
         version = self._version(message)
         if version is not None:
-            key = message.key
-            assert key is not None
+            assert message.key is not None
+            key = table_name(message.key, MAX_TABLE_KEY)
             known = self.versions.get(key)
             if known is None:
                 known = self.flushing_versions.get(key)
@@ -129,8 +150,8 @@ class Guard:
         returned None for the same message, so the calls cannot fail)."""
         version = self._version(message)
         if version is not None:
-            key = message.key
-            assert key is not None
+            assert message.key is not None
+            key = table_name(message.key, MAX_TABLE_KEY)
             if version > self.versions.get(key, -1):
                 self.versions[key] = version
         mid = self._id(message)
@@ -141,7 +162,7 @@ class Guard:
         """Writes one message's version and id now (``record_versions="each"``)."""
         version = self._version(message)
         mid = self._id(message)
-        key = message.key
+        key = None if message.key is None else table_name(message.key, MAX_TABLE_KEY)
 
         def write() -> None:
             if version is not None and key is not None:

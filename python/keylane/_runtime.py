@@ -479,11 +479,20 @@ class Run:
                 queued_at = self.enqueued_at.pop((t.partition, t.offset), None)
             if t.attempt:
                 msg = dataclasses.replace(msg, attempt=t.attempt)
+            if msg.__class__ is not Message:
+                # An UndecodableRecord: no handler can be given it.
+                self._poison(t, msg, PoisonMessage(getattr(msg, "problem", "undecodable")))
+                continue
             if guard is not None:
                 try:
                     verdict = guard.before(msg)
                 except PoisonMessage as e:
-                    self._exhausted(t, msg, e, t.attempt + 1)
+                    self._poison(t, msg, e)
+                    continue
+                except Exception as e:
+                    # The table failed (closed, I/O): retried like a handler
+                    # failure, never the end of the run.
+                    self._failed(t, msg, e)
                     continue
                 if verdict is not None:
                     counters["stale_dropped" if verdict == "stale" else "duplicates_skipped"] += 1
@@ -509,7 +518,13 @@ class Run:
                     # The effect is applied: nothing may stop its version
                     # from being written now.
                     with trio.CancelScope(shield=True):
-                        await guard.record(msg)
+                        try:
+                            await guard.record(msg)
+                        except Exception as e:
+                            # Not recorded, so not done: handled again later
+                            # (at least once), never committed past.
+                            self._failed(t, msg, e)
+                            continue
                 else:
                     guard.after(msg)
             if not done:
@@ -551,6 +566,20 @@ class Run:
         else:
             counters["retried"] += 1
             self._side(self._retry_later, t, policy.delay(deliveries, self.rng))
+
+    def _poison(self, t: Ticket, msg: Message, error: Exception) -> None:
+        """A message no retry can help (its version or id cannot be read,
+        its record cannot be decoded): straight to ``on_exhausted``."""
+        self.metrics.counters["failed"] += 1
+        log.warning(
+            "cannot handle %s/%d@%d: %s",
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            error,
+            extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+        )
+        self._exhausted(t, msg, error, t.attempt + 1)
 
     def _exhausted(self, t: Ticket, msg: Message, error: Exception, deliveries: int) -> None:
         app = self.app

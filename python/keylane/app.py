@@ -284,14 +284,31 @@ class App:
         return self._metrics.snapshot()
 
     async def replay_dlq(
-        self, *, rate: float = 100.0, burst: int | None = None, limit: int | None = None
+        self,
+        *,
+        rate: float = 100.0,
+        burst: int | None = None,
+        limit: int | None = None,
+        skip_malformed: bool = False,
+        park_topic: str | None = None,
+        park_file: str | os.PathLike[str] | None = None,
     ) -> int:
         """Re-produces this App's dead letters to their original topics at
         ``rate`` messages per second and returns how many. Each keeps its
         original key, value and headers (version included), so the version
-        check drops what has become stale."""
+        check drops what has become stale. A malformed record stops it with
+        ``keylane.dlq.ReplayStopped`` unless ``skip_malformed`` parks it in
+        ``park_topic`` or ``park_file`` (see ``keylane.dlq.replay``)."""
         if self.dlq is None:
             raise ConfigError("this App has no dlq topic to replay")
         return await replay(
-            self.broker, self.dlq, group=self.group, rate=rate, burst=burst, limit=limit
+            self.broker,
+            self.dlq,
+            group=self.group,
+            rate=rate,
+            burst=burst,
+            limit=limit,
+            skip_malformed=skip_malformed,
+            park_topic=park_topic,
+            park_file=park_file,
         )

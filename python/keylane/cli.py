@@ -216,19 +216,57 @@ def dlq() -> None:
     help="Replay at most this many.",
 )
 @click.option(
+    "--skip-malformed",
+    is_flag=True,
+    help="Park records that are not keylane dead letters (--park-topic or --park-file) "
+    "and go on, instead of stopping at the first.",
+)
+@click.option("--park-topic", default=None, help="Topic that receives skipped records as-is.")
+@click.option(
+    "--park-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File that receives skipped records as JSON lines (bytes in base64).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
     default="INFO",
     show_envvar=True,
 )
 def dlq_replay(
-    target: str, rate: float, burst: int | None, limit: int | None, log_level: str
+    target: str,
+    rate: float,
+    burst: int | None,
+    limit: int | None,
+    skip_malformed: bool,
+    park_topic: str | None,
+    park_file: Path | None,
+    log_level: str,
 ) -> None:
     """Re-produces the dead letters of the App at TARGET to their original
-    topics, rate-limited, with their original headers (versions included)."""
+    topics, rate-limited, with their original headers (versions included).
+    Progress is committed as it goes; a malformed record stops the replay
+    naming its offset, unless --skip-malformed parks it."""
+    from keylane.dlq import ReplayStopped
+
     _setup_logging(log_level.upper())
     app = load_app(target)
-    count = trio.run(lambda: app.replay_dlq(rate=rate, burst=burst, limit=limit))
+    try:
+        count = trio.run(
+            lambda: app.replay_dlq(
+                rate=rate,
+                burst=burst,
+                limit=limit,
+                skip_malformed=skip_malformed,
+                park_topic=park_topic,
+                park_file=park_file,
+            )
+        )
+    except ReplayStopped as e:
+        raise click.ClickException(str(e)) from None
+    except keylane.ConfigError as e:
+        raise click.UsageError(str(e)) from None
     click.echo(f"replayed {count} dead letters from {app.dlq}")
 
 

@@ -35,6 +35,16 @@ class Message:
         return self.headers.get(name, default)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class UndecodableRecord(Message):
+    """A record an adapter could not turn into a ``Message`` faithfully (a
+    header name that is not UTF-8...). It keeps what could be read; the
+    runtime never hands it to a handler but treats it as a message that
+    failed for good (dead-lettered, skipped or blocked per ``on_exhausted``)."""
+
+    problem: str = ""
+
+
 def _as_bytes(value: object, what: str) -> bytes:
     if isinstance(value, bytes):
         return value
@@ -75,5 +85,9 @@ def encode_headers(headers: Mapping[str, HeaderValue] | None) -> dict[str, bytes
     for name, value in headers.items():
         if not isinstance(name, str):
             raise InvalidType(f"header names must be str, not {type(name).__name__}")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidArgument(f"header name {name!r} is not valid text ({e})") from None
         out[name] = _as_bytes(value, f"header {name!r}")
     return out

@@ -13,7 +13,7 @@ import confluent_kafka
 from keylane.brokers._kafka_common import RateLimitedLog, broker_error
 from keylane.brokers.base import TopicPartition
 from keylane.errors import UnknownTopic
-from keylane.message import Message
+from keylane.message import Message, UndecodableRecord
 
 _NO_HEADERS: Mapping[str, bytes] = MappingProxyType({})
 
@@ -49,9 +49,26 @@ def convert(
             assert partition is not None
             last = (topic, partition)
             chunk = chunks.setdefault(TopicPartition(topic, partition), [])
-        headers = m.headers()
         offset = m.offset()
         assert offset is not None
+        try:
+            headers = m.headers()
+        except (UnicodeDecodeError, ValueError, TypeError) as e:
+            # One record's bad header must not fail the whole batch: the
+            # runtime dead-letters it (or skips/blocks, per on_exhausted).
+            chunk.append(
+                UndecodableRecord(
+                    topic,  # type: ignore[arg-type]
+                    partition,  # type: ignore[arg-type]
+                    offset,
+                    m.key(),
+                    m.value() or b"",
+                    _NO_HEADERS,
+                    m.timestamp()[1] / 1000.0,
+                    problem=f"its headers cannot be decoded: {e}",
+                )
+            )
+            continue
         chunk.append(
             Message(
                 topic,  # type: ignore[arg-type]

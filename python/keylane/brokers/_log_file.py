@@ -91,8 +91,8 @@ class Appender:
         self.path = path
         self._file: BinaryIO = path.open("ab")
 
-    def append(self, message: Message) -> None:
-        self._file.write(encode(message))
+    def append(self, frame: bytes) -> None:
+        self._file.write(frame)
 
     def flush(self) -> None:
         self._file.flush()

@@ -18,22 +18,20 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-import msgpack
 import trio
 
 from keylane._native import partition_for_key
 from keylane.brokers import _log_file
+from keylane.brokers._memory_store import TOPIC_NAME, MemoryStore
 from keylane.brokers.base import Fetch, TopicPartition
 from keylane.errors import (
     BrokerError,
     ConfigError,
-    CorruptLogError,
     InvalidArgument,
     InvalidType,
     NotAssigned,
@@ -49,9 +47,6 @@ from keylane.message import (
 )
 
 log = logging.getLogger("keylane.brokers.memory")
-
-# Kafka's rule for topic names; it also keeps them safe as file names.
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 def _now() -> float:
@@ -175,11 +170,14 @@ class MemoryBroker:
         # Set (and dropped) on every change; created only when a fetch waits.
         self._changed: trio.Event | None = None
         self._closed = False
-        self._fsync = fsync
-        self._dir = Path(persist_dir) if persist_dir is not None else None
-        self._appenders: dict[TopicPartition, _log_file.Appender] = {}
-        if self._dir is not None:
-            self._load(truncate=recover == "truncate")
+        self._store: MemoryStore | None = None
+        if persist_dir is not None:
+            self._store = MemoryStore(Path(persist_dir), fsync=fsync)
+            self._logs, offsets = self._store.load(truncate=recover == "truncate")
+            for topic in self._logs:
+                self._round_robin[topic] = itertools.count()
+            for name, committed in offsets.items():
+                self._group(name).committed.update(committed)
 
     # ---- topics and producing --------------------------------------------------------------
 
@@ -255,20 +253,30 @@ class MemoryBroker:
             )
         else:
             p = partition
-        ts = time.time() if timestamp is None else float(timestamp)
+        if timestamp is None:
+            ts = time.time()
+        elif isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
+            raise InvalidType(
+                f"timestamp must be seconds (a number), not {type(timestamp).__name__}"
+            )
+        elif not math.isfinite(timestamp):
+            raise InvalidArgument(f"timestamp must be finite, got {timestamp!r}")
+        else:
+            ts = float(timestamp)
         log_ = logs[p]
         message = Message(topic, p, len(log_), key_bytes, value_bytes, header_bytes, ts)
+        if self._store is not None:
+            # Encoded before anything changes: a produce that fails leaves
+            # neither the log in memory nor the file with a gap.
+            self._store.append(TopicPartition(topic, p), _log_file.encode(message))
         log_.append(message)
-        if self._dir is not None:
-            self._appender(TopicPartition(topic, p)).append(message)
         self._signal()
         return message
 
     async def flush(self) -> None:
         """Records are stored as soon as ``produce`` returns; with
         persistence, this also writes (and with ``fsync=True`` syncs) them."""
-        for appender in self._appenders.values():
-            appender.sync() if self._fsync else appender.flush()
+        self._write_logs()
 
     def records(
         self, topic: str, partition: int, start: int = 0, stop: int | None = None
@@ -304,9 +312,8 @@ class MemoryBroker:
     def close(self) -> None:
         """Closes log files; the broker refuses to produce afterwards."""
         self._closed = True
-        for appender in self._appenders.values():
-            appender.close()
-        self._appenders.clear()
+        if self._store is not None:
+            self._store.close()
 
     async def aclose(self) -> None:
         await self.flush()
@@ -315,7 +322,7 @@ class MemoryBroker:
     # ---- internals ------------------------------------------------------------------------
 
     def _check_topic(self, topic: object) -> None:
-        if not isinstance(topic, str) or not _TOPIC_NAME.fullmatch(topic):
+        if not isinstance(topic, str) or not TOPIC_NAME.fullmatch(topic):
             raise InvalidArgument(
                 f"topic name {topic!r} is invalid: use 1-249 characters from [A-Za-z0-9._-]"
             )
@@ -408,65 +415,20 @@ class MemoryBroker:
 
     # ---- persistence ----------------------------------------------------------------------
 
-    def _appender(self, tp: TopicPartition) -> _log_file.Appender:
-        appender = self._appenders.get(tp)
-        if appender is None:
-            assert self._dir is not None
-            appender = _log_file.Appender(self._dir / "log" / f"{tp.topic}-{tp.partition}.log")
-            self._appenders[tp] = appender
-        return appender
-
     def _persist_topics(self) -> None:
-        if self._dir is not None:
-            _atomic_write(self._dir / "topics.msgpack", msgpack.packb(self.topics()))
+        if self._store is not None:
+            self._store.write_topics(self.topics())
+
+    def _write_logs(self) -> None:
+        if self._store is not None and not self._closed:
+            self._store.write_logs({t: [len(p) for p in parts] for t, parts in self._logs.items()})
 
     def _persist_offsets(self) -> None:
-        if self._dir is None:
+        if self._store is None:
             return
-        data = {
-            name: [[tp.topic, tp.partition, off] for tp, off in g.committed.items()]
-            for name, g in self._groups.items()
-        }
-        _atomic_write(self._dir / "groups.msgpack", msgpack.packb(data))
-
-    def _load(self, *, truncate: bool) -> None:
-        assert self._dir is not None
-        (self._dir / "log").mkdir(parents=True, exist_ok=True)
-        topics_file = self._dir / "topics.msgpack"
-        if topics_file.exists():
-            try:
-                topics = msgpack.unpackb(topics_file.read_bytes())
-                for topic, n in topics.items():
-                    self._logs[topic] = [
-                        self._load_log(topic, p, truncate=truncate) for p in range(n)
-                    ]
-                    self._round_robin[topic] = itertools.count()
-            except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as e:
-                raise CorruptLogError(
-                    f"{topics_file} is damaged ({e}); nothing was loaded"
-                ) from None
-        groups_file = self._dir / "groups.msgpack"
-        if groups_file.exists():
-            try:
-                for name, rows in msgpack.unpackb(groups_file.read_bytes()).items():
-                    g = self._group(name)
-                    for topic, partition, offset in rows:
-                        g.committed[TopicPartition(topic, partition)] = offset
-            except (ValueError, TypeError, msgpack.UnpackException) as e:
-                raise CorruptLogError(
-                    f"{groups_file} is damaged ({e}); nothing was loaded"
-                ) from None
-
-    def _load_log(self, topic: str, partition: int, *, truncate: bool) -> list[Message]:
-        assert self._dir is not None
-        path = self._dir / "log" / f"{topic}-{partition}.log"
-        return _log_file.read(path, topic, partition, truncate=truncate) if path.exists() else []
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+        # The records below a commit are on disk before the commit is.
+        self._write_logs()
+        self._store.write_offsets({name: g.committed for name, g in self._groups.items()})
 
 
 class MemoryConsumer:
