@@ -657,7 +657,9 @@ async def test_prometheus_http_endpoint(thread_safe_clock: trio.abc.Clock) -> No
         port = s.getsockname()[1]
     broker = MemoryBroker(partitions=1)
     produce_many(broker, "payments", 10, keys=2)
-    app = make_app(broker, metrics=keylane.Prometheus(port=port, addr="127.0.0.1"))
+    prometheus = keylane.Prometheus(port=port)
+    assert prometheus.addr == "127.0.0.1", "loopback unless asked to listen wider"
+    app = make_app(broker, metrics=prometheus)
     scraped: list[str] = []
 
     @app.handler

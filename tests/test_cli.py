@@ -190,6 +190,23 @@ def test_run_refuses_bad_targets(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
         assert message in result.output
 
 
+def test_run_refuses_a_module_that_hides_an_installed_one(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    service = tmp_path / "service"
+    service.mkdir()
+    (service / "svc.py").write_text("import keylane\napp = 42\n")
+    (tmp_path / "prometheus_client.py").write_text("raise SystemExit('hijacked')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    result = invoke(["run", "svc:app", "--app-dir", str(service)])
+    # Found in --app-dir (and refused only for not being an App).
+    assert result.exit_code == 2, result.output
+    assert "is a int, not a keylane.App" in result.output
+    result = invoke(["run", "svc:app"])
+    assert result.exit_code == 2, result.output
+    assert "would hide the installed module 'prometheus_client'" in result.output
+    assert "hijacked" not in result.output
+
+
 def test_dlq_replay_command(tmp_path) -> None:  # type: ignore[no-untyped-def]
     env, _ = _service(tmp_path, sleep=0)
     code = (

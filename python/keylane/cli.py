@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.machinery
 import json
 import logging
 import os
@@ -147,13 +148,20 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def load_app(target: str) -> keylane.App:
-    """The App at ``module:attribute`` (the module imported from the current
-    directory or sys.path)."""
+def load_app(target: str, app_dir: str | os.PathLike[str] = ".") -> keylane.App:
+    """The App at ``module:attribute``, imported with ``app_dir`` first on
+    ``sys.path`` (uvicorn's ``--app-dir`` convention). A module in that
+    directory that would hide an installed one (a stray
+    ``prometheus_client.py``) is refused rather than imported in its place."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise click.BadParameter(f"{target!r} is not module:attribute (for example service:app)")
-    sys.path.insert(0, os.getcwd())
+    directory = Path(app_dir).resolve()
+    if not directory.is_dir():
+        raise click.BadParameter(f"--app-dir {app_dir} is not a directory")
+    _refuse_shadowing(directory, module_name.partition(".")[0])
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -169,8 +177,38 @@ def load_app(target: str) -> keylane.App:
     return obj
 
 
+APP_DIR = click.option(
+    "--app-dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=".",
+    show_envvar=True,
+    help="Directory TARGET's module is imported from (put first on sys.path).",
+)
+
+
+def _refuse_shadowing(directory: Path, own: str) -> None:
+    elsewhere = [p for p in sys.path if p and Path(p).resolve() != directory]
+    for entry in directory.iterdir():
+        if entry.suffix == ".py":
+            name = entry.stem
+        elif (entry / "__init__.py").is_file():
+            name = entry.name
+        else:
+            continue
+        if name == own or not name.isidentifier():
+            continue
+        installed = importlib.machinery.PathFinder.find_spec(name, elsewhere)
+        if installed is not None:
+            raise click.UsageError(
+                f"{entry} would hide the installed module {name!r} once {directory} is on "
+                "sys.path; rename or remove it, or keep the service in its own directory "
+                "and pass --app-dir"
+            )
+
+
 @main.command(name="run")
 @click.argument("target")
+@APP_DIR
 @click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
@@ -178,12 +216,12 @@ def load_app(target: str) -> keylane.App:
     show_envvar=True,
     help="Level of keylane's (and the root) logger.",
 )
-def run_command(target: str, log_level: str) -> None:
+def run_command(target: str, app_dir: str, log_level: str) -> None:
     """Runs the keylane.App at TARGET (module:attribute) until SIGINT or
     SIGTERM: the first stops it gracefully (running handlers finish, offsets
     are committed), a second forces it."""
     _setup_logging(log_level.upper())
-    app = load_app(target)
+    app = load_app(target, app_dir)
     trio.run(app.run)
 
 
@@ -194,6 +232,7 @@ def dlq() -> None:
 
 @dlq.command(name="replay")
 @click.argument("target")
+@APP_DIR
 @click.option(
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
@@ -236,6 +275,7 @@ def dlq() -> None:
 )
 def dlq_replay(
     target: str,
+    app_dir: str,
     rate: float,
     burst: int | None,
     limit: int | None,
@@ -251,7 +291,7 @@ def dlq_replay(
     from keylane.dlq import ReplayStopped
 
     _setup_logging(log_level.upper())
-    app = load_app(target)
+    app = load_app(target, app_dir)
     try:
         count = trio.run(
             lambda: app.replay_dlq(

@@ -108,13 +108,15 @@ class Prometheus:
     ``pip install keylane[prometheus]``).
 
     ``Prometheus(port=9108)`` serves them over HTTP on that port when the App
-    starts; ``Prometheus(registry=r)`` (or passing a ``CollectorRegistry``
+    starts, on 127.0.0.1 only unless ``addr`` says otherwise (``addr="0.0.0.0"``
+    for every interface: metrics name topics and groups, so exposing them is
+    a choice); ``Prometheus(registry=r)`` (or passing a ``CollectorRegistry``
     as ``metrics=``) only registers them, for an endpoint you already have.
     Names are prefixed ``keylane_`` and labelled with the App's ``group``.
     """
 
     def __init__(
-        self, port: int | None = None, *, addr: str = "0.0.0.0", registry: Any = None
+        self, port: int | None = None, *, addr: str = "127.0.0.1", registry: Any = None
     ) -> None:
         try:
             import prometheus_client
