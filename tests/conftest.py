@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import collections
 import itertools
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 
 import pytest
@@ -86,3 +89,16 @@ async def wait_until(
         if trio.current_time() >= deadline:
             raise AssertionError(f"condition not met within {bound}s")
         await trio.sleep(step)
+
+
+def run_isolated(code: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Runs ``code`` in a fresh interpreter, for what might crash the
+    process. Dying by a signal (SIGABRT, SIGBUS, SIGSEGV: -6, -7, -11) fails
+    the test; so does running past ``timeout`` (a deadlock)."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode < 0:
+        name = signal.Signals(-result.returncode).name
+        raise AssertionError(f"the process died with {name}:\n{result.stderr[-3000:]}")
+    return result

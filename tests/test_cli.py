@@ -190,7 +190,9 @@ def test_run_refuses_bad_targets(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
         assert message in result.output
 
 
-def test_run_refuses_a_module_that_hides_an_installed_one(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_run_refuses_a_module_that_hides_an_installed_one(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     service = tmp_path / "service"
     service.mkdir()
     (service / "svc.py").write_text("import keylane\napp = 42\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import textwrap
 import threading
 from collections import defaultdict
 
@@ -10,6 +11,8 @@ import pytest
 
 import keylane
 from keylane import Dispatcher, Ticket
+
+from .conftest import run_isolated
 
 
 def drain(d: Dispatcher, n: int = 1000) -> list[Ticket]:
@@ -274,6 +277,47 @@ def test_pop_ready_bad_count() -> None:
     with pytest.raises(keylane.InvalidArgument, match="max_items"):
         d.pop_ready(-1)
     assert d.pop_ready(0) == []
+
+
+def test_huge_counts_never_abort_the_process() -> None:
+    """Allocations follow what is queued, not what is asked for; bounds past
+    2**32 and offsets past 2**63-2 are refused (a panic or an abort would be
+    a defect: run in a child so that it would fail, not kill, the suite)."""
+    result = run_isolated(
+        textwrap.dedent(
+            """
+            import keylane
+            d = keylane.Dispatcher(max_in_flight=2**32, capacity=2**32)
+            d.push(b"a", 0, 0, "x")
+            assert len(d.pop_ready(10**9)) == 1 and d.in_flight == 1
+            d.push(b"b", 0, 1, "y")
+            assert len(d.pop_ready(2**63 - 1)) == 1 and d.in_flight == 2
+            assert d.pop_ready(2**63 - 1) == [] and d.in_flight == 2
+            for bad in (2**32 + 1, 2**63 - 1):
+                for name in ("capacity", "max_in_flight"):
+                    try:
+                        keylane.Dispatcher(**{name: bad})
+                    except keylane.InvalidArgument as e:
+                        assert name in str(e)
+                    else:
+                        raise SystemExit(f"{name}={bad} accepted")
+            e = keylane.Dispatcher()
+            e.push(b"k", 0, 2**63 - 2, "last")
+            (t,) = e.pop_ready(1)
+            e.complete(t)
+            assert e.committable() == {0: 2**63 - 1}
+            try:
+                e.push(b"k", 1, 2**63 - 1, "past")
+            except keylane.InvalidArgument as err:
+                assert "offset" in str(err)
+            else:
+                raise SystemExit("offset 2**63-1 accepted")
+            print("ok")
+            """
+        )
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
 
 
 # ---- threads ---------------------------------------------------------------------------------

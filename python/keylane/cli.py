@@ -107,11 +107,25 @@ def _size(n: int) -> str:
     show_envvar=True,
     help="How many entries of the version map to print, in key order.",
 )
-def inspect(path: Path, limit: int) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Also read every page in a child process and look every key up again; "
+    "exits 1 if the table is damaged.",
+)
+def inspect(path: Path, limit: int, check: bool) -> None:
     """Print the counts and first entries of the version table at PATH.
 
     Opens the table read-mostly: nothing is created or changed.
     """
+    if check:
+        from keylane._table_check import check as walk
+
+        ok, report = walk(path)
+        click.echo(report)
+        if not ok:
+            raise click.ClickException(f"{path} is damaged")
+        click.echo("check passed")
     try:
         table = keylane.VersionTable(path, create=False)
     except keylane.StoreError as e:

@@ -97,13 +97,19 @@ impl Default for Config {
     }
 }
 
+/// The most `capacity` and `max_in_flight` may be: 2^32 messages is far
+/// beyond what any process can hold (53 bytes each before payloads), so a
+/// larger bound is a mistake, not a configuration.
+pub const MAX_BOUND: usize = 1 << 32;
+
 impl Config {
     pub fn validate(&self) -> Result<()> {
-        if self.capacity == 0 {
-            return Err(Error::InvalidArgument("capacity must be >= 1".into()));
-        }
-        if self.max_in_flight == 0 {
-            return Err(Error::InvalidArgument("max_in_flight must be >= 1".into()));
+        for (name, value) in [("capacity", self.capacity), ("max_in_flight", self.max_in_flight)] {
+            if !(1..=MAX_BOUND).contains(&value) {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} must be between 1 and {MAX_BOUND}, got {value}"
+                )));
+            }
         }
         Ok(())
     }

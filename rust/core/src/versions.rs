@@ -27,6 +27,7 @@
 //! the records it has not seen at the start of each transaction, and so
 //! answers from memory what an in-place map would read from LMDB.
 
+mod data_file;
 mod index;
 mod journal;
 
@@ -243,6 +244,10 @@ impl VersionTable {
         }
         std::fs::create_dir_all(path)
             .map_err(|e| Error::Store(format!("cannot create {}: {e}", path.display())))?;
+        let data = path.join("data.mdb");
+        if data.exists() {
+            data_file::check(&data)?;
+        }
         let mut builder = EnvOpenOptions::new().read_txn_without_tls();
         builder.map_size(options.map_size).max_dbs(8);
         if !options.durable {
@@ -577,7 +582,7 @@ impl VersionTable {
         let values = self.shared.dbs.values;
         self.write("put_if_newer", |txn| {
             if let Some(stored) = values.get(txn, key)?
-                && version <= stored_version(stored)
+                && version <= be_u64(stored)?
             {
                 return Ok(false);
             }
@@ -593,8 +598,9 @@ impl VersionTable {
     pub fn get_value(&self, key: &[u8]) -> Result<Option<(u64, Vec<u8>)>> {
         check_key("key", key, MAX_KEY)?;
         let values = self.shared.dbs.values;
-        self.read("get_value", |txn| {
-            Ok(values.get(txn, key)?.map(|record| (stored_version(record), record[8..].to_vec())))
+        self.read("get_value", |txn| match values.get(txn, key)? {
+            Some(record) => Ok(Some((be_u64(record)?, record[8..].to_vec()))),
+            None => Ok(None),
         })
     }
 
@@ -659,13 +665,13 @@ impl VersionTable {
                     .iter(txn)?
                     .take(4096)
                     .map(|kv| kv.map(|(k, ())| k.to_vec()))
-                    .take_while(|k| k.as_ref().map_or(true, |k| be_u64(&k[..8]) <= now_ms))
+                    .take_while(|k| k.as_ref().map_or(true, |k| be_u64(k).map_or(true, |t| t <= now_ms)))
                     .collect::<Result<_, _>>()?;
                 if due.is_empty() {
                     return Ok(purged);
                 }
                 for k in &due {
-                    let (until, id) = (be_u64(&k[..8]), &k[8..]);
+                    let (until, id) = (be_u64(k)?, &k[8..]);
                     expiry.delete(txn, k)?;
                     if seen.get(txn, id)? == Some(until) {
                         seen.delete(txn, id)?;
@@ -830,12 +836,15 @@ fn fold_walking(
     Ok(())
 }
 
-fn be_u64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
-}
-
-fn stored_version(record: &[u8]) -> u64 {
-    be_u64(record)
+/// The big-endian number an entry starts with. A shorter entry can only be
+/// damage, reported as such rather than read past.
+fn be_u64(b: &[u8]) -> Txn<u64> {
+    b.get(..8).and_then(|h| <[u8; 8]>::try_from(h).ok()).map(u64::from_be_bytes).ok_or_else(|| {
+        Fault::Damaged(format!(
+            "a stored entry of {} bytes is shorter than the 8-byte number it starts with",
+            b.len()
+        ))
+    })
 }
 
 fn open_error(path: &Path, e: heed::Error) -> Error {

@@ -44,10 +44,11 @@ impl Segment {
         Segment { base: offset & !63, words, outstanding: 1 }
     }
 
-    /// One past the last offset the words can hold.
+    /// One past the last offset the words can hold (saturating: the last
+    /// word below `i64::MAX` ends past it, and every valid offset is below).
     #[inline]
     fn end(&self) -> i64 {
-        self.base + 64 * self.words.len() as i64
+        self.base.saturating_add(64 * self.words.len() as i64)
     }
 
     #[inline]
@@ -111,7 +112,7 @@ impl OffsetWindow {
                 seg.outstanding += 1;
                 return Ok(());
             }
-            if offset < end + 64 * GAP_WORDS {
+            if offset < end.saturating_add(64 * GAP_WORDS) {
                 let i = seg.word_index(offset);
                 seg.words.resize(i, 0);
                 seg.words.push_back(1u64 << (offset & 63));
@@ -178,12 +179,18 @@ impl OffsetWindow {
     }
 }
 
-/// The rule every watermark implementation shares: non-negative, strictly
-/// increasing offsets.
+/// The largest offset a message may have: the commit after it (offset + 1)
+/// must fit an `i64`, as Kafka's offsets do.
+pub const MAX_OFFSET: i64 = i64::MAX - 1;
+
+/// The rule every watermark implementation shares: offsets in
+/// `0..=MAX_OFFSET`, strictly increasing.
 #[inline]
 pub fn check_next(last_pushed: Option<i64>, offset: i64) -> Result<()> {
-    if offset < 0 {
-        return Err(Error::InvalidArgument(format!("offset must be >= 0, got {offset}")));
+    if !(0..=MAX_OFFSET).contains(&offset) {
+        return Err(Error::InvalidArgument(format!(
+            "offset must be between 0 and {MAX_OFFSET}, got {offset}"
+        )));
     }
     if let Some(last) = last_pushed
         && offset <= last
@@ -198,6 +205,21 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+
+    #[test]
+    fn offsets_up_to_the_maximum_advance_the_watermark() {
+        let mut w = OffsetWindow::new();
+        for o in [MAX_OFFSET - 200, MAX_OFFSET - 70, MAX_OFFSET - 1, MAX_OFFSET] {
+            w.push(o).unwrap();
+        }
+        assert!(matches!(w.push(i64::MAX), Err(Error::InvalidArgument(_))));
+        for o in [MAX_OFFSET, MAX_OFFSET - 70, MAX_OFFSET - 1] {
+            assert!(w.complete(o));
+        }
+        assert_eq!(w.committable(), Some(MAX_OFFSET - 200));
+        assert!(w.complete(MAX_OFFSET - 200));
+        assert_eq!(w.committable(), Some(i64::MAX));
+    }
 
     /// A model that is obviously right: the set of outstanding offsets.
     #[derive(Default)]

@@ -2,8 +2,9 @@
 //! with the GIL held; the core runs with it released.
 
 use keylane_core::dispatch::{
-    Config, Dispatch, Dispatcher as Core, Ordering, Prepared, ReceiptInfo, Retried,
+    Config, Dispatch, Dispatcher as Core, MAX_BOUND, Ordering, Prepared, ReceiptInfo, Retried,
 };
+use keylane_core::watermark::MAX_OFFSET;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
@@ -36,7 +37,7 @@ impl Dispatcher {
         item: &Bound<'_, PyAny>,
     ) -> Result<Prepared<Payload>> {
         let partition = bounded(partition, "partition", 0, i64::from(i32::MAX))? as i32;
-        let offset = bounded(offset, "offset", 0, i64::MAX)?;
+        let offset = bounded(offset, "offset", 0, MAX_OFFSET)?;
         let lane = if key.is_none() {
             self.core.lane_of(None, partition)
         } else {
@@ -88,11 +89,11 @@ impl Dispatcher {
         };
         let defaults = Config::default();
         let capacity = match capacity {
-            Some(c) => bounded(c, "capacity", 1, i64::MAX)? as usize,
+            Some(c) => bounded(c, "capacity", 1, MAX_BOUND as i64)? as usize,
             None => defaults.capacity,
         };
         let max_in_flight = match max_in_flight {
-            Some(m) => bounded(m, "max_in_flight", 1, i64::MAX)? as usize,
+            Some(m) => bounded(m, "max_in_flight", 1, MAX_BOUND as i64)? as usize,
             None => defaults.max_in_flight,
         };
         let seed = match seed {

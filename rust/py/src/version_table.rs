@@ -264,9 +264,7 @@ impl VersionTable {
     fn items(&self, py: Python<'_>) -> Result<VersionItems> {
         let table = self.open()?;
         let snapshot = py.detach(|| table.snapshot())?;
-        Ok(VersionItems {
-            state: Mutex::new(Some(ItemsState { snapshot, after: None, buffer: VecDeque::new() })),
-        })
+        Ok(VersionItems::new(ItemsState { snapshot, after: None, buffer: VecDeque::new() }))
     }
 
     /// A last-write-wins register: stores `value` with `version` iff newer
@@ -388,12 +386,29 @@ struct ItemsState {
     buffer: VecDeque<(Vec<u8>, u64)>,
 }
 
+/// Where an iterator is: between calls, inside a call (possibly with the GIL
+/// released), or exhausted.
+enum Cursor {
+    Idle(ItemsState),
+    Busy,
+    Done,
+}
+
 /// Iterator over a `VersionTable`'s `(key, version)` pairs from one snapshot.
 #[pyclass(module = "keylane._native", frozen, name = "VersionItems")]
 pub(crate) struct VersionItems {
-    /// `None` once exhausted: the snapshot (an LMDB read transaction) is
+    /// The lock is held only to move the state in or out, never while the
+    /// GIL is released: a second thread calling `__next__` meanwhile finds
+    /// `Busy` and gets an error, as a generator already executing does.
+    /// `Done` once exhausted: the snapshot (an LMDB read transaction) is
     /// released as soon as the last page has been read.
-    state: Mutex<Option<ItemsState>>,
+    state: Mutex<Cursor>,
+}
+
+impl VersionItems {
+    fn new(state: ItemsState) -> Self {
+        VersionItems { state: Mutex::new(Cursor::Idle(state)) }
+    }
 }
 
 #[pymethods]
@@ -403,8 +418,20 @@ impl VersionItems {
     }
 
     fn __next__<'py>(&self, py: Python<'py>) -> Result<(Bound<'py, PyBytes>, u64)> {
-        let mut guard = self.state.lock();
-        let Some(mut state) = guard.take() else { return Err(PyStopIteration::new_err(()).into()) };
+        let taken = std::mem::replace(&mut *self.state.lock(), Cursor::Busy);
+        let mut state = match taken {
+            Cursor::Idle(state) => state,
+            Cursor::Done => {
+                *self.state.lock() = Cursor::Done;
+                return Err(PyStopIteration::new_err(()).into());
+            }
+            Cursor::Busy => {
+                return Err(invalid_argument(
+                    "this VersionItems iterator is being advanced by another thread; \
+                     give each thread its own table.items()",
+                ));
+            }
+        };
         if state.buffer.is_empty() {
             // The snapshot moves into the GIL-free section and back: its
             // read transaction may be used by one thread at a time only.
@@ -413,16 +440,26 @@ impl VersionItems {
                 (state, page)
             });
             state = back;
-            let page = page?;
+            let page = match page {
+                Ok(page) => page,
+                Err(e) => {
+                    *self.state.lock() = Cursor::Idle(state);
+                    return Err(e.into());
+                }
+            };
             if page.is_empty() {
                 // Exhausted: the read transaction is released here.
+                *self.state.lock() = Cursor::Done;
                 return Err(PyStopIteration::new_err(()).into());
             }
             state.after = page.last().map(|(k, _)| k.clone());
             state.buffer.extend(page);
         }
-        let (key, version) = state.buffer.pop_front().expect("refilled above");
-        *guard = Some(state);
+        let Some((key, version)) = state.buffer.pop_front() else {
+            *self.state.lock() = Cursor::Done;
+            return Err(PyStopIteration::new_err(()).into());
+        };
+        *self.state.lock() = Cursor::Idle(state);
         Ok((PyBytes::new(py, &key), version))
     }
 }

@@ -200,7 +200,9 @@ impl<T: Send, L: LaneStore<T>> Dispatch<T> for LockFreeDispatcher<T, L> {
     /// `max_in_flight` is reached or nothing more is ready).
     fn pop_ready(&self, max_items: usize) -> Popped<T, Receipt<L>> {
         let want = Counters::reserve(&self.counters.in_flight, self.config.max_in_flight, max_items);
-        let mut tickets = Vec::with_capacity(want);
+        // Allocated by what is queued, not by what is asked (a caller may ask
+        // for usize::MAX); pops also clear tombstones, so `want` stays.
+        let mut tickets = Vec::with_capacity(want.min(self.counters.queued()));
         let mut discarded = Vec::new();
         while tickets.len() < want {
             let Some(ready) = self.ready.pop() else { break };

@@ -345,7 +345,10 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
     }
 
     fn pop_ready(&self, max_items: usize) -> Popped<T, Receipt> {
-        let want = Counters::reserve(&self.counters.in_flight, self.config.max_in_flight, max_items);
+        // Sized by what is queued, not by what is asked: a caller may ask
+        // for usize::MAX.
+        let asked = max_items.min(self.counters.queued());
+        let want = Counters::reserve(&self.counters.in_flight, self.config.max_in_flight, asked);
         let mut tickets = Vec::with_capacity(want);
         if want > 0 {
             // Sources are the shards plus the unordered queue. Each takes an
