@@ -29,7 +29,7 @@ running_pid() {
   local pid
   pid=$(cat "$pidfile" 2>/dev/null) || return 1
   # Our broker, not a recycled pid.
-  [ -n "$pid" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "kafka.Kafka" || return 1
+  [ -n "$pid" ] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q "kafka.Kafka" || return 1
   echo "$pid"
 }
 

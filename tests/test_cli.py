@@ -237,3 +237,6 @@ def test_bench_command_small(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert data["workload"]["messages"] == 3000
     assert len(data["keylane_seconds"]) == 1
     assert data["keylane_msg_per_s"] > 0
+    assert "event loop: a 1 ms heartbeat beside the App woke late by" in result.output
+    late = data["heartbeat_late_ms"]
+    assert 0 <= late["p50"] <= late["p99"] <= late["max"]

@@ -9,7 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keylane.bench.runner import TARGET_MSG_PER_S, Result
+from keylane.bench.runner import (
+    TARGET_LATE_MAX_S,
+    TARGET_LATE_P99_S,
+    TARGET_MSG_PER_S,
+    Result,
+)
 
 
 def machine() -> str:
@@ -27,6 +32,15 @@ def summary(result: Result) -> list[str]:
     if default:
         verdict = "PASS" if result.keylane_rate >= TARGET_MSG_PER_S else "MISS"
         lines.append(f"target: >= {TARGET_MSG_PER_S:,} msg/s with a no-op handler: {verdict}")
+    p50, p99, worst = (result.lateness(q) for q in (0.5, 0.99, 1.0))
+    if p50 is not None and p99 is not None and worst is not None:
+        held = "PASS" if p99 <= TARGET_LATE_P99_S and worst <= TARGET_LATE_MAX_S else "MISS"
+        lines.append(
+            f"event loop: a 1 ms heartbeat beside the App woke late by p50 {p50 * 1e3:.2f} ms, "
+            f"p99 {p99 * 1e3:.2f} ms, max {worst * 1e3:.1f} ms "
+            f"(target p99 <= {TARGET_LATE_P99_S * 1e3:.0f} ms, "
+            f"max <= {TARGET_LATE_MAX_S * 1e3:.0f} ms: {held})"
+        )
     return lines
 
 
@@ -48,6 +62,10 @@ def as_json(result: Result) -> dict[str, Any]:
         "keylane_msg_per_s": result.keylane_rate,
         "naive_msg_per_s": result.naive_rate,
         "speedup": result.speedup,
+        "heartbeat_late_ms": {
+            name: None if (v := result.lateness(q)) is None else v * 1e3
+            for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
+        },
         "target_msg_per_s": TARGET_MSG_PER_S,
     }
 

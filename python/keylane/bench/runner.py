@@ -24,6 +24,11 @@ from keylane.brokers.base import Broker
 from keylane.brokers.memory import MemoryBroker
 
 TARGET_MSG_PER_S = 300_000
+# A task beside the App sleeps this long in a loop; how late it wakes is how
+# long the event loop was held (issue #13's targets: p99 <= 2 ms, max <= 20 ms).
+HEARTBEAT_S = 0.001
+TARGET_LATE_P99_S = 0.002
+TARGET_LATE_MAX_S = 0.020
 
 
 @dataclasses.dataclass
@@ -32,6 +37,8 @@ class Result:
     produce_s: float
     keylane: list[float] = dataclasses.field(default_factory=list)
     naive: list[float] = dataclasses.field(default_factory=list)
+    # Heartbeat lateness (seconds) over every keylane round.
+    late: list[float] = dataclasses.field(default_factory=list)
 
     def rate(self, seconds: float) -> float:
         return self.workload.messages / seconds
@@ -44,6 +51,13 @@ class Result:
     def naive_rate(self) -> float | None:
         return self.rate(statistics.median(self.naive)) if self.naive else None
 
+    def lateness(self, q: float) -> float | None:
+        """Quantile ``q`` (0..1; 1 is the max) of the heartbeat's lateness."""
+        if not self.late:
+            return None
+        ordered = sorted(self.late)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
     @property
     def speedup(self) -> float | None:
         if not self.naive:
@@ -51,14 +65,34 @@ class Result:
         return statistics.median(n / k for n, k in zip(self.naive, self.keylane, strict=True))
 
 
-async def _timed(start: Callable[..., Awaitable[object]]) -> float:
-    async with trio.open_nursery() as n:
-        await n.start(start)
-        began = time.perf_counter()
-    return time.perf_counter() - began
+async def _timed(start: Callable[..., Awaitable[object]], late: list[float] | None = None) -> float:
+    async with trio.open_nursery() as outer:
+        if late is not None:
+            outer.start_soon(_heartbeat, late)
+        async with trio.open_nursery() as n:
+            await n.start(start)
+            began = time.perf_counter()
+        elapsed = time.perf_counter() - began
+        outer.cancel_scope.cancel()
+    return elapsed
 
 
-def keylane_round(broker: Broker, w: Workload, group: str, topic: str = TOPIC) -> float:
+async def _heartbeat(late: list[float]) -> None:
+    """What a service's other tasks (an HTTP endpoint, a heartbeat) see."""
+    clock = time.perf_counter
+    while True:
+        due = clock() + HEARTBEAT_S
+        await trio.sleep(HEARTBEAT_S)
+        late.append(max(0.0, clock() - due))
+
+
+def keylane_round(
+    broker: Broker,
+    w: Workload,
+    group: str,
+    topic: str = TOPIC,
+    late: list[float] | None = None,
+) -> float:
     """One timed run of keylane over the workload as consumer group ``group``."""
     app = App(
         broker,
@@ -69,7 +103,7 @@ def keylane_round(broker: Broker, w: Workload, group: str, topic: str = TOPIC) -
     )
     app.handler(w.handler())
     run = functools.partial(app.run, until_idle=True, handle_signals=False)
-    elapsed = trio.run(_timed, run)
+    elapsed = trio.run(_timed, run, late)
     handled = app.stats()["handled"]
     if handled != w.messages:
         raise RuntimeError(f"keylane handled {handled} of {w.messages} messages")
@@ -90,6 +124,7 @@ def run(
     rounds: int = 3,
     baseline: bool = True,
     freeze_gc: bool = True,
+    heartbeat: bool = True,
     progress: Callable[[str], None] = lambda line: None,
 ) -> Result:
     started = time.perf_counter()
@@ -104,7 +139,9 @@ def run(
         gc.freeze()
     try:
         for r in range(1, rounds + 1):
-            result.keylane.append(keylane_round(broker, workload, f"keylane-{r}"))
+            late: list[float] | None = [] if heartbeat else None
+            result.keylane.append(keylane_round(broker, workload, f"keylane-{r}", late=late))
+            result.late.extend(late or ())
             line = f"round {r}: keylane {result.rate(result.keylane[-1]):,.0f} msg/s"
             if baseline:
                 result.naive.append(_naive_round(broker, workload, f"naive-{r}"))
