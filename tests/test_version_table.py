@@ -328,3 +328,29 @@ def test_py_lmdb_environment_is_not_a_keylane_table(tmp_path: pathlib.Path) -> N
     env.close()
     with pytest.raises(keylane.StoreFormatError, match="not a keylane table"):
         VersionTable(tmp_path / "foreign")
+
+
+@pytest.mark.parametrize(
+    ("setting", "first", "second"),
+    [
+        ("map_size", 1 << 24, 1 << 25),
+        ("journal_entries", 100, 200),
+        ("cache_keys", 10, 20),
+        ("durable", True, False),
+    ],
+)
+def test_reopening_in_process_with_other_settings_is_refused(
+    tmp_path: pathlib.Path, setting: str, first: object, second: object
+) -> None:
+    path = tmp_path / "t"
+    with keylane.VersionTable(path, **{setting: first}) as a:  # type: ignore[arg-type]
+        a.check_and_set(b"k", 1)
+        with pytest.raises(
+            keylane.StoreError, match=f"already open in this process with {setting}"
+        ):
+            keylane.VersionTable(path, **{setting: second})  # type: ignore[arg-type]
+        with keylane.VersionTable(path, **{setting: first}) as b:  # type: ignore[arg-type]
+            assert b.get(b"k") == 1, "the same settings share the open table"
+    # Once every handle is closed, the new settings apply.
+    with keylane.VersionTable(path, **{setting: second}) as c:  # type: ignore[arg-type]
+        assert c.get(b"k") == 1

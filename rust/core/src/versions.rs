@@ -144,6 +144,9 @@ struct Shared {
     dbs: Dbs,
     durable: bool,
     journal_entries: usize,
+    /// What it was opened with: a second open in this process must agree.
+    map_size: usize,
+    cache_keys: usize,
     /// A journal record was written through this environment.
     wrote: AtomicBool,
     /// Held for the whole of every transaction that reads or changes the
@@ -216,11 +219,25 @@ impl VersionTable {
         if let Ok(canonical) = path.canonicalize()
             && let Some(shared) = open.get(&canonical).and_then(Weak::upgrade)
         {
-            if shared.durable != options.durable {
+            // One environment per path per process (LMDB's rule), so its
+            // settings cannot differ between handles; say so rather than
+            // silently keep the first handle's.
+            let differs = [
+                ("durable", shared.durable.to_string(), options.durable.to_string()),
+                ("map_size", shared.map_size.to_string(), options.map_size.to_string()),
+                ("cache_keys", shared.cache_keys.to_string(), options.cache_keys.to_string()),
+                (
+                    "journal_entries",
+                    shared.journal_entries.to_string(),
+                    options.journal_entries.max(1).to_string(),
+                ),
+            ];
+            if let Some((name, open_with, asked)) = differs.into_iter().find(|(_, a, b)| a != b) {
                 return Err(Error::Store(format!(
-                    "{} is already open in this process with durable={}; open it with the same setting",
-                    path.display(),
-                    shared.durable
+                    "{} is already open in this process with {name}={open_with} (asked for \
+                     {asked}); open it with the same settings, or close every VersionTable on \
+                     it first",
+                    path.display()
                 )));
             }
             return Ok(VersionTable { shared });
@@ -269,6 +286,8 @@ impl VersionTable {
             dbs,
             durable: options.durable,
             journal_entries: options.journal_entries.max(1),
+            map_size: options.map_size,
+            cache_keys: options.cache_keys,
             wrote: AtomicBool::new(false),
             index: Mutex::new(Index::new(options.cache_keys)),
         })
