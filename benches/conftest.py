@@ -50,11 +50,20 @@ class AtLeast:
     value: float
 
 
+@dataclass(frozen=True)
+class Below:
+    """A figure recorded with ``Perf.figure`` must be at most ``value``."""
+
+    group: str
+    name: str
+    value: float
+
+
 @dataclass
 class Perf:
     per_op: dict[tuple[str, str], float] = field(default_factory=dict)
     figures: dict[tuple[str, str], float] = field(default_factory=dict)
-    targets: list[Faster | AtMost | AtLeast] = field(default_factory=list)
+    targets: list[Faster | AtMost | AtLeast | Below] = field(default_factory=list)
 
     def record(self, benchmark: Any, group: str, impl: str, ops: int) -> float:
         """Stores the median time per op of a finished ``benchmark`` run."""
@@ -67,7 +76,7 @@ class Perf:
         """Stores a figure that is not a time per op (a byte count, a rate)."""
         self.figures[(group, name)] = value
 
-    def expect(self, *targets: Faster | AtMost | AtLeast) -> None:
+    def expect(self, *targets: Faster | AtMost | AtLeast | Below) -> None:
         self.targets.extend(targets)
 
     def verdicts(self) -> Iterator[tuple[bool, str]]:
@@ -94,6 +103,12 @@ class Perf:
             else:
                 value = self.figures.get((t.group, t.name))
                 if value is None:
+                    continue
+                if isinstance(t, Below):
+                    yield (
+                        value <= t.value,
+                        f"{t.group}: {t.name} = {value:,.3g} (target <= {t.value:,.3g})",
+                    )
                     continue
                 yield (
                     value >= t.value,

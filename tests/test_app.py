@@ -677,3 +677,54 @@ async def test_prometheus_http_endpoint(thread_safe_clock: trio.abc.Clock) -> No
     # The server stopped with the run: nothing listens on the port any more.
     with pytest.raises(OSError, match="all attempts to connect"):
         await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def test_handlers_that_start_to_suspend_get_every_worker(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """While handlers return without suspending one worker runs them (more
+    would only hold the loop longer); the first that suspends wakes a worker
+    for every ready message, so the concurrency is all there again."""
+    broker = MemoryBroker(partitions=4)
+    produce_many(broker, "payments", 2000, keys=500)
+    app = make_app(broker, concurrency=64)
+    running, peak, calls = [0], [0], [0]
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        calls[0] += 1
+        if calls[0] <= 1000:
+            return  # never suspends
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        try:
+            await trio.sleep(1)
+        finally:
+            running[0] -= 1
+
+    start = trio.current_time()
+    await app.run(until_idle=True)
+    assert app.stats()["handled"] == 2000
+    assert peak[0] == 64
+    # 1000 one-second handlers over 64 workers: about 16 s, not 1000 s.
+    assert trio.current_time() - start < 40
+
+
+async def test_a_handler_failing_after_it_suspended_is_retried(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    broker = MemoryBroker(partitions=1)
+    broker.produce("payments", key="a", value="x")
+    app = make_app(broker, retry=FAST_RETRY)
+    attempts: list[int] = []
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        await trio.sleep(0.01)
+        attempts.append(msg.attempt)
+        if msg.attempt < 2:
+            raise ValueError("not yet")
+
+    await app.run(until_idle=True)
+    assert attempts == [0, 1, 2]
+    assert app.stats()["handled"] == 1

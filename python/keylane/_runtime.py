@@ -13,7 +13,11 @@ Shape of a run (all tasks in one Trio nursery tree):
   failing message never holds a worker.
 
 Nothing here is per-message Trio machinery: workers park only when nothing
-is ready, and a handler that never suspends runs a whole batch back to back.
+is ready, and handlers that never suspend run back to back. The event loop
+is shared with the service, so no runtime task runs longer than a slice
+(0.5 ms) without a checkpoint, and while handlers do not suspend only one
+worker stays runnable (more would only lengthen every scheduler batch); as
+soon as a handler suspends, workers are woken for every ready message.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from keylane import _handler_call
 from keylane._broker_calls import BrokerCalls
 from keylane._guard import Guard, PoisonMessage
 from keylane._native import Dispatcher, Ticket
@@ -58,6 +63,13 @@ _LAST_COMMIT_TIMEOUT = 2.0
 # so the consumer keeps its group membership and sees rebalances.
 _POLL_WHILE_FULL = 0.2
 _SAMPLE_MASK = SAMPLE_EVERY - 1
+# The most the runtime's tasks run without letting the event loop look
+# around (timers, I/O, the service's other tasks), in seconds.
+_SLICE = 0.0005
+# Fetched records are pushed into the dispatcher this many at a time.
+_PUSH_STEP = 512
+# Handlers count as suspending for this long after one did (seconds).
+_SUSPENDING_FOR = 0.1
 
 
 class Run:
@@ -95,6 +107,14 @@ class Run:
         # When the oldest ticket in ``done`` completed (perf_counter).
         self.done_since = 0.0
         self.running = 0
+        # Workers not parked, and until when handlers count as suspending
+        # (perf_counter); see _wake.
+        self.runners = app.concurrency
+        self.suspending_until = 0.0
+        # When the current slice of the loop ends; a shared deadline, started
+        # again by the first task back from the checkpoint that ended it.
+        self.yield_at = 0.0
+        self.slice_no = 0
         self.closing = False
         self.rng = random.Random()
         self.work = trio.lowlevel.ParkingLot()
@@ -248,6 +268,8 @@ class Run:
         d, app = self.d, self.app
         fetch_from = functools.partial(self.calls.retrying, "fetch", self.consumer.fetch)
         while not self.stopping:
+            # A broker with records ready may answer without suspending.
+            await self._yield_if_due()
             if self.overflow:
                 self._push_overflow()
             room = d.free_capacity
@@ -264,10 +286,9 @@ class Run:
             fetch = await fetch_from(min(room, app.fetch_max), wait)
             await self._rebalance(fetch)
             self.ends.update(fetch.ends)
-            pushed = self._push(fetch)
+            pushed = await self._push(fetch)
             if pushed:
                 self.metrics.counters["consumed"] += pushed
-                self.work.unpark(count=pushed)
             elif self.until_idle and fetch.at_end and fetch.settled:
                 if len(d) == 0 and not self.done:
                     log.info("group %s: idle (all assigned partitions handled)", app.group)
@@ -276,7 +297,7 @@ class Run:
                 with trio.move_on_after(0.05):
                     await self.progress.park()
 
-    def _push(self, fetch: Fetch) -> int:
+    async def _push(self, fetch: Fetch) -> int:
         entries: list[tuple[bytes | None, int, int, Message]] = []
         dropped = 0
         now = time.perf_counter()
@@ -310,20 +331,29 @@ class Run:
                 self.enqueued_at[(tpid, m.offset)] = now
         if dropped:
             self.metrics.counters["redelivered_dropped"] += dropped
-        if entries:
-            accepted = self.d.push_many(entries)
-            if accepted < len(entries):
+        pushed = 0
+        # In steps, each a fraction of a slice, so a big fetch does not hold
+        # the loop; only this task pushes or revokes, so nothing changes
+        # between steps but the workers' progress.
+        for start in range(0, len(entries), _PUSH_STEP):
+            if start:
+                await self._yield_if_due()
+            part = entries[start : start + _PUSH_STEP]
+            accepted = self.d.push_many(part)
+            pushed += accepted
+            self._wake(accepted)
+            if accepted < len(part):
                 # Cannot happen while the feeder is the only pusher and sizes
                 # each fetch to the room left; if it does, nothing is lost.
                 log.warning(
                     "group %s: dispatcher took %d of %d fetched records; holding the rest",
                     self.app.group,
-                    accepted,
+                    pushed,
                     len(entries),
                 )
-                self.overflow.extend(entries[accepted:])
-            return accepted
-        return 0
+                self.overflow.extend(entries[start + accepted :])
+                break
+        return pushed
 
     def _push_overflow(self) -> None:
         held = list(self.overflow)
@@ -331,7 +361,7 @@ class Run:
         self.overflow = deque(held[accepted:])
         if accepted:
             self.metrics.counters["consumed"] += accepted
-            self.work.unpark(count=accepted)
+            self._wake(accepted)
 
     async def _rebalance(self, fetch: Fetch) -> None:
         if fetch.lost:
@@ -439,13 +469,38 @@ class Run:
                 # This worker takes one; parked ones take the rest now, not
                 # when this worker's handler is done (with few keys they
                 # would otherwise wait behind it).
-                self.work.unpark(count=len(tickets) - 1)
+                self._wake(len(tickets) - 1)
                 # One checkpoint per batch keeps the feeder and committer
                 # running while handlers that never suspend run back to back.
                 await trio.lowlevel.checkpoint()
                 return True
-            await self.work.park()
+            await self._park()
         return False
+
+    async def _park(self) -> None:
+        self.runners -= 1
+        try:
+            await self.work.park()
+        finally:
+            self.runners += 1
+
+    def _wake(self, n: int) -> None:
+        """Wakes workers for ``n`` newly ready messages: all of them while
+        handlers suspend, one otherwise (one worker runs handlers that never
+        suspend as fast as many, and holds the loop for less)."""
+        if n > 0:
+            if time.perf_counter() >= self.suspending_until:
+                n = 1
+            self.work.unpark(count=n)
+
+    async def _yield_if_due(self) -> None:
+        """Checkpoints if the current slice of the loop is spent."""
+        if time.perf_counter() > self.yield_at:
+            slice_no = self.slice_no
+            await trio.lowlevel.checkpoint()
+            if self.slice_no == slice_no:
+                self.slice_no += 1
+                self.yield_at = time.perf_counter() + _SLICE
 
     def _flush(self) -> None:
         done = self.done
@@ -453,7 +508,7 @@ class Run:
             n = len(done)
             self.d.complete_many(done)
             done.clear()
-            self.work.unpark(count=n)
+            self._wake(n)
             self.space.unpark_all()
             self.progress.unpark_all()
 
@@ -467,6 +522,12 @@ class Run:
         while True:
             if self.closing:
                 return
+            if perf_counter() > self.yield_at:
+                if self.runners > 1 and perf_counter() >= self.suspending_until:
+                    # Handlers are not suspending: one worker is enough.
+                    await self._park()
+                    continue
+                await self._yield_if_due()
             ready = self.ready  # replaced when a revoke filters it
             if not ready:
                 if not await self._refill():
@@ -504,7 +565,21 @@ class Run:
                     metrics.dispatch_latency.observe(started - queued_at)
             self.running += 1
             try:
-                await handler(msg)
+                # Started by hand to learn whether it suspends (see
+                # _handler_call): inlined, as it runs once per message.
+                coro = handler(msg)
+                try:
+                    trap = coro.send(None)  # type: ignore[attr-defined]
+                except StopIteration:
+                    pass
+                else:
+                    # It suspends: every ready message gets a worker while
+                    # handlers do (and for _SUSPENDING_FOR after).
+                    if perf_counter() >= self.suspending_until:
+                        self.work.unpark(count=len(self.ready))
+                    self.suspending_until = perf_counter() + _SUSPENDING_FOR
+                    await _handler_call.resume(coro, trap)  # type: ignore[arg-type]
+                    self.suspending_until = perf_counter() + _SUSPENDING_FOR
             except Exception as e:
                 self.running -= 1
                 self._failed(t, msg, e)
@@ -623,7 +698,7 @@ class Run:
             # Its partition is being given up: leave it to the next owner.
             self.d.drop_queued([t.partition])
             self.progress.unpark_all()
-        self.work.unpark(count=1)
+        self._wake(1)
 
     async def _dead_letter(
         self, t: Ticket, msg: Message, error: Exception, deliveries: int
