@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import gc
 import math
+import pathlib
 import statistics
 
 import pytest
 
+import keylane
 from keylane import _runtime
 from keylane.bench import runner
 from keylane.bench.workloads import Workload
@@ -69,3 +71,41 @@ def test_event_loop_hold(perf: Perf, monkeypatch: pytest.MonkeyPatch) -> None:
         AtLeast(group, "throughput sliced/unsliced", 0.9),
     )
     assert all(late.values())
+
+
+def test_versions_cost_and_stalls(perf: Perf, tmp_path: pathlib.Path) -> None:
+    """Issue #13: with ``versions=`` (every message checked and recorded,
+    journal folds included) a no-op App keeps >= 0.8x the throughput of the
+    same run without, and the event loop is never held more than 5 ms (the
+    table's lookups are prefetched in a worker thread, off the lock a
+    commit holds through its fold and fsync). Alternating rounds, a fresh
+    table each round (so every version is new and folds happen)."""
+    # 200,000 keys: the table grows big enough for folds to take a while.
+    w = Workload(keys=200_000)
+    broker = w.broker()
+    gc.collect()
+    gc.freeze()
+    rates: dict[str, list[float]] = {"versions": [], "plain": []}
+    late: dict[str, list[float]] = {"versions": [], "plain": []}
+    for r in range(4):
+        for name in rates:
+            heard: list[float] = []
+            table = tmp_path / f"v{r}" if name == "versions" else None
+            seconds = runner.keylane_round(broker, w, f"{name}-{r}", late=heard, versions=table)
+            if r:
+                rates[name].append(w.messages / seconds)
+                late[name].extend(heard)
+    group = "versions= (no-op handler)"
+    ratio = statistics.median(v / p for v, p in zip(rates["versions"], rates["plain"], strict=True))
+    for name in rates:
+        ordered = sorted(late[name])
+        perf.figure(group, f"{name} msg/s (median)", statistics.median(rates[name]))
+        perf.figure(group, f"{name} late p99 ms", ordered[int(0.99 * len(ordered))] * 1e3)
+        perf.figure(group, f"{name} late max ms", ordered[-1] * 1e3)
+    perf.figure(group, "throughput versions/plain", ratio)
+    perf.expect(
+        AtLeast(group, "throughput versions/plain", 0.8),
+        Below(group, "versions late max ms", 5.0),
+    )
+    with keylane.VersionTable(tmp_path / "v3") as t:
+        assert t.info()["versions"] == w.keys, "every key's version was recorded"

@@ -177,3 +177,76 @@ def test_producing_a_header_name_that_is_not_text_is_refused() -> None:
     with pytest.raises(keylane.InvalidArgument, match="header name"):
         broker.produce("payments", key="a", value="x", headers={"\ud800": "v"})
     assert broker.topics() == {}, "a failed produce changes nothing"
+
+
+class _RecordingTable:
+    """A VersionTable stand-in that records which thread asks what."""
+
+    def __init__(self, versions: dict[bytes, int], seen: set[bytes]) -> None:
+        self.versions, self.seen_ids = versions, seen
+        self.calls: list[tuple[str, bool]] = []
+
+    def _note(self, name: str) -> None:
+        import threading
+
+        self.calls.append((name, threading.current_thread() is threading.main_thread()))
+
+    def get(self, key: bytes) -> int | None:
+        self._note("get")
+        return self.versions.get(key)
+
+    def get_many(self, keys: list[bytes]) -> list[int | None]:
+        self._note("get_many")
+        return [self.versions.get(k) for k in keys]
+
+    def is_seen(self, mid: bytes) -> bool:
+        self._note("is_seen")
+        return mid in self.seen_ids
+
+    def is_seen_many(self, mids: list[bytes]) -> list[bool]:
+        self._note("is_seen_many")
+        return [m in self.seen_ids for m in mids]
+
+    def check_and_set_many(self, pairs: Any) -> None:
+        self._note("check_and_set_many")
+        for k, v in pairs:
+            self.versions[k] = max(v, self.versions.get(k, -1))
+
+    def mark_seen_many(self, ids: Any, ttl_s: float | None = None) -> None:
+        self._note("mark_seen_many")
+        self.seen_ids.update(ids)
+
+
+def _msg(key: bytes, version: int, mid: str) -> Message:
+    return Message(
+        "t", 0, version, key, b"", {"version": str(version).encode(), "id": mid.encode()}, 0.0
+    )
+
+
+async def test_prefetched_lookups_keep_the_table_off_the_trio_thread() -> None:
+    from keylane._guard import Guard, id_header, version_header
+
+    table = _RecordingTable({b"a": 5}, {b"old"})
+    guard = Guard(table, version_header, id_header, None)  # type: ignore[arg-type]
+    batch = [_msg(b"a", 5, "m1"), _msg(b"b", 1, "old"), _msg(b"c", 1, "new")]
+    await guard.prefetch(batch)
+    assert [guard.before(m) for m in batch] == ["stale", "duplicate", None]
+    on_trio_thread = [name for name, main in table.calls if main]
+    assert on_trio_thread == [], f"looked up on the Trio thread: {on_trio_thread}"
+
+
+async def test_a_prefetch_read_before_a_flush_never_answers_for_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    """An answer prefetched before a flush wrote a newer version must not
+    outlive the in-memory record the flush forgets."""
+    from keylane._guard import Guard, version_header
+
+    with keylane.VersionTable(tmp_path / "v") as table:
+        table.check_and_set(b"a", 4)
+        guard = Guard(table, version_header, None, None)
+        guard.prefetched_versions[b"a"] = 4  # read before the write below
+        guard.versions[b"a"] = 5  # handled, in memory only
+        await guard.flush()  # written, and forgotten from memory
+        assert table.get(b"a") == 5
+        assert guard.before(_msg(b"a", 5, "x")) == "stale"

@@ -354,3 +354,25 @@ def test_reopening_in_process_with_other_settings_is_refused(
     # Once every handle is closed, the new settings apply.
     with keylane.VersionTable(path, **{setting: second}) as c:  # type: ignore[arg-type]
         assert c.get(b"k") == 1
+
+
+def test_write_batch_applies_versions_and_ids_without_the_gil(tmp_path: pathlib.Path) -> None:
+    with VersionTable(tmp_path / "t") as t:
+        t.check_and_set(b"a", 5)
+        batch = keylane.VersionBatch()
+        batch.add_versions([(b"a", 4), (b"b", 2)])
+        batch.add_versions([("c", 9)])
+        batch.add_ids([b"m1", "m2"])
+        assert len(batch) == 5
+        t.write_batch(batch, ttl_s=60)
+        assert len(batch) == 0, "the batch is emptied by the write"
+        assert t.get_many([b"a", b"b", b"c"]) == [5, 2, 9], "versions never go back"
+        assert t.is_seen_many([b"m1", b"m2", b"m3"]) == [True, True, False]
+        with pytest.raises(keylane.InvalidType):
+            batch.add_versions([b"not a pair"])
+        with pytest.raises(keylane.InvalidArgument, match="entry 1"):
+            batch.add_versions([(b"x", 1), (b"y", -1)])
+        batch.add_versions([(b"", 1)])  # refused by the table when written
+        with pytest.raises(keylane.InvalidArgument):
+            t.write_batch(batch)
+        assert t.get(b"x") is None

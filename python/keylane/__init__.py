@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from keylane._native import (
     Dispatcher,
     Ticket,
+    VersionBatch,
     VersionItems,
     VersionTable,
     __version__,
@@ -67,6 +68,7 @@ __all__ = [
     "TicketError",
     "TopicPartition",
     "UnknownTopic",
+    "VersionBatch",
     "VersionItems",
     "VersionTable",
     "__version__",

@@ -21,14 +21,17 @@ window to the moment between the handler's return and that write.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import trio
 
-from keylane._native import VersionTable
+from keylane._native import VersionBatch, VersionTable
 from keylane.message import Message
 
 MAX_VERSION = 2**63 - 1
+_T = TypeVar("_T")
 # What the VersionTable holds: keys of 1..511 bytes, ids of 1..503 (LMDB's
 # key limit; an id's entry also carries its expiry).
 MAX_TABLE_KEY = 511
@@ -38,6 +41,9 @@ MAX_TABLE_ID = 503
 # the prefix is hashed too, so a crafted key cannot alias another key's
 # digest: two keys share a table entry only if SHA-256 collides.
 HASHED_PREFIX = b"\x00keylane:sha256:"
+# Prefetched answers not consumed (their messages were revoked) are dropped
+# past this many; a miss only means a lookup in place.
+_PREFETCH_BOUND = 1 << 16
 
 
 def table_name(raw: bytes, limit: int) -> bytes:
@@ -85,7 +91,13 @@ class Guard:
         self.flushing_versions: dict[bytes, int] = {}
         self.seen: dict[bytes, None] = {}
         self.flushing_seen: dict[bytes, None] = {}
+        # What prefetch() read from the table for messages about to run:
+        # table key -> stored version (None: none), id -> seen. Consumed by
+        # before(); raised by flush()/record() as they write.
+        self.prefetched_versions: dict[bytes, int | None] = {}
+        self.prefetched_ids: dict[bytes, bool] = {}
         self._limiter = trio.CapacityLimiter(1)
+        self._reader = trio.CapacityLimiter(1)
 
     def _version(self, message: Message) -> int | None:
         # Stale checks are per key: a key-less record has no version.
@@ -125,13 +137,82 @@ class Guard:
             return table_name(mid, MAX_TABLE_ID)
         raise PoisonMessage(f"id_of returned {mid!r:.80}; ids are non-empty bytes or str (or None)")
 
+    async def prefetch(self, messages: Sequence[Message]) -> None:
+        """Reads, in one worker-thread hop, what ``before`` will need from
+        the table for ``messages``. The table's lookups wait for its lock,
+        which a writer holds through a whole commit (fold and fsync
+        included): asked on the Trio thread, they would hold the event loop
+        for that long. What is not prefetched is still looked up in place."""
+        keys: list[bytes] = []
+        ids: list[bytes] = []
+        # What memory knows is the newest this process applied, and it is
+        # what a flush writes: it answers even once the flush has forgotten it.
+        from_memory: dict[bytes, int] = {}
+        for m in messages:
+            if self.version_of is not None and m.key is not None:
+                key = table_name(m.key, MAX_TABLE_KEY)
+                known = self.versions.get(key)
+                if known is None:
+                    known = self.flushing_versions.get(key)
+                if known is None:
+                    keys.append(key)
+                else:
+                    from_memory[key] = known
+            if self.id_of is not None:
+                try:
+                    mid = self._id(m)
+                except PoisonMessage:
+                    continue  # before() reports it
+                if mid is None:
+                    continue
+                if mid in self.seen or mid in self.flushing_seen:
+                    self.prefetched_ids[mid] = True
+                else:
+                    ids.append(mid)
+        for key, known in from_memory.items():
+            held = self.prefetched_versions.get(key)
+            if held is None or known > held:
+                self.prefetched_versions[key] = known
+        if not keys and not ids:
+            return
+        table = self.table
+
+        def read() -> tuple[list[int | None], list[bool]]:
+            return (
+                table.get_many(keys) if keys else [],
+                table.is_seen_many(ids) if ids else [],
+            )
+
+        try:
+            versions, seen = await trio.to_thread.run_sync(read, limiter=self._reader)
+        except Exception:
+            # before() looks up in place, and a failure there is that
+            # message's (retried, dead-lettered), never the worker's.
+            return
+        if len(self.prefetched_versions) > _PREFETCH_BOUND:
+            self.prefetched_versions.clear()
+        if len(self.prefetched_ids) > _PREFETCH_BOUND:
+            self.prefetched_ids.clear()
+        for key, version in zip(keys, versions, strict=True):
+            # A flush may have written a newer one meanwhile (it raises
+            # what is here, and what it wrote is in memory until then).
+            known = self.prefetched_versions.get(key)
+            if known is None or (version is not None and version > known):
+                self.prefetched_versions[key] = version
+        for mid, was_seen in zip(ids, seen, strict=True):
+            self.prefetched_ids[mid] = self.prefetched_ids.get(mid, False) or was_seen
+
     def before(self, message: Message) -> str | None:
         """``"stale"``, ``"duplicate"``, or None (handle it)."""
         mid = self._id(message)
-        if mid is not None and (
-            mid in self.seen or mid in self.flushing_seen or self.table.is_seen(mid)
-        ):
-            return "duplicate"
+        if mid is not None:
+            if mid in self.seen or mid in self.flushing_seen:
+                return "duplicate"
+            was_seen = self.prefetched_ids.pop(mid, None)
+            if was_seen is None:
+                was_seen = self.table.is_seen(mid)
+            if was_seen:
+                return "duplicate"
         version = self._version(message)
         if version is not None:
             assert message.key is not None
@@ -140,7 +221,10 @@ class Guard:
             if known is None:
                 known = self.flushing_versions.get(key)
             if known is None:
-                known = self.table.get(key)
+                if key in self.prefetched_versions:
+                    known = self.prefetched_versions.pop(key)
+                else:
+                    known = self.table.get(key)
             if known is not None and version <= known:
                 return "stale"
         return None
@@ -171,10 +255,14 @@ class Guard:
                 self.table.mark_seen(mid, ttl_s=self.dedupe_ttl)
 
         await trio.to_thread.run_sync(write, limiter=self._limiter)
+        self._written(
+            {key: version} if key is not None and version is not None else {},
+            [mid] if mid is not None else [],
+        )
 
     async def flush(self) -> None:
-        """Writes the recorded versions and ids in one trip to a worker
-        thread (the table releases the GIL). Raises what the table raises
+        """Writes the recorded versions and ids: converted here in small
+        steps, written in one trip to a worker thread without the GIL. Raises what the table raises
         (``StoreFull``...): the runtime must not commit offsets past
         messages whose versions were not recorded."""
         if not self.versions and not self.seen:
@@ -182,7 +270,7 @@ class Guard:
         self.flushing_versions, self.versions = self.versions, {}
         self.flushing_seen, self.seen = self.seen, {}
         try:
-            await trio.to_thread.run_sync(self._write, limiter=self._limiter)
+            await self._write()
         except BaseException:
             # Not written: keep answering from memory and try again later.
             for key, version in self.flushing_versions.items():
@@ -190,11 +278,53 @@ class Guard:
                     self.versions[key] = version
             self.seen.update(self.flushing_seen)
             raise
+        else:
+            self._written(self.flushing_versions, self.flushing_seen)
         finally:
             self.flushing_versions, self.flushing_seen = {}, {}
 
-    def _write(self) -> None:
-        if self.flushing_versions:
-            self.table.check_and_set_many(self.flushing_versions.items())
-        if self.flushing_seen:
-            self.table.mark_seen_many(self.flushing_seen, ttl_s=self.dedupe_ttl)
+    def _written(self, versions: dict[bytes, int], ids: Collection[bytes]) -> None:
+        # Leaving memory now: a prefetched value read before the write must
+        # not answer for it.
+        # Whichever side is smaller is walked: a flush can hold 100,000s of
+        # keys, and this runs on the Trio thread.
+        prefetched = self.prefetched_versions
+        if len(prefetched) < len(versions):
+            pairs = [(k, versions[k]) for k in prefetched if k in versions]
+        else:
+            pairs = [(k, v) for k, v in versions.items() if k in prefetched]
+        for key, version in pairs:
+            known = prefetched[key]
+            if known is None or version > known:
+                prefetched[key] = version
+        seen = self.prefetched_ids
+        if seen:
+            if len(seen) < len(ids):
+                ids = set(ids)
+                hits = [mid for mid in seen if mid in ids]
+            else:
+                hits = [mid for mid in ids if mid in seen]
+            for mid in hits:
+                seen[mid] = True
+
+    async def _write(self) -> None:
+        # Converted on this thread in small steps, written in a worker
+        # thread without the GIL: converting 100,000s of pairs inside the
+        # thread's call would hold the GIL, and so the event loop, that long.
+        batch = VersionBatch()
+        for chunk in _chunks(self.flushing_versions.items()):
+            batch.add_versions(chunk)
+            await trio.lowlevel.checkpoint()
+        for ids in _chunks(self.flushing_seen):
+            batch.add_ids(ids)
+            await trio.lowlevel.checkpoint()
+        ttl = self.dedupe_ttl
+        await trio.to_thread.run_sync(
+            lambda: self.table.write_batch(batch, ttl_s=ttl), limiter=self._limiter
+        )
+
+
+def _chunks(items: Iterable[_T], size: int = 2048) -> Iterator[list[_T]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk

@@ -464,6 +464,9 @@ class Run:
         self._flush()
         while not self.closing:
             tickets = self.d.pop_ready(self.batch)
+            if tickets and self.guard is not None:
+                await self.guard.prefetch([t.item for t in tickets])
+                tickets = self._still_owned(tickets)
             if tickets:
                 self.ready.extend(tickets)
                 # This worker takes one; parked ones take the rest now, not
@@ -476,6 +479,23 @@ class Run:
                 return True
             await self._park()
         return False
+
+    def _still_owned(self, tickets: list[Ticket]) -> list[Ticket]:
+        """Tickets whose partition was not revoked while they were held
+        (during a prefetch); the others go back (and are dropped with their
+        partition), as a revoke does with the ready queue."""
+        if not self.draining and len(self.owned) == len(self.tp_ids):
+            return tickets
+        keep = []
+        for t in tickets:
+            if t.partition in self.draining or self.tps[t.partition] not in self.owned:
+                self.d.retry(t)
+                if t.partition in self.draining:
+                    self.d.drop_queued([t.partition])
+                    self.progress.unpark_all()
+            else:
+                keep.append(t)
+        return keep
 
     async def _park(self) -> None:
         self.runners -= 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from keylane.bench.naive import run_naive
 from keylane.bench.workloads import TOPIC, Workload
 from keylane.brokers.base import Broker
 from keylane.brokers.memory import MemoryBroker
+from keylane.message import Message
 
 TARGET_MSG_PER_S = 300_000
 # A task beside the App sleeps this long in a loop; how late it wakes is how
@@ -92,14 +94,19 @@ def keylane_round(
     group: str,
     topic: str = TOPIC,
     late: list[float] | None = None,
+    versions: str | os.PathLike[str] | None = None,
 ) -> float:
-    """One timed run of keylane over the workload as consumer group ``group``."""
+    """One timed run of keylane over the workload as consumer group
+    ``group``; with ``versions``, a version table there checks and records
+    every message (its offset as its version: always new)."""
     app = App(
         broker,
         topics=[topic],
         group=group,
         ordering=w.ordering,  # type: ignore[arg-type]
         concurrency=w.concurrency,
+        versions=versions,
+        version_of=_offset_version if versions is not None else None,
     )
     app.handler(w.handler())
     run = functools.partial(app.run, until_idle=True, handle_signals=False)
@@ -108,6 +115,10 @@ def keylane_round(
     if handled != w.messages:
         raise RuntimeError(f"keylane handled {handled} of {w.messages} messages")
     return elapsed
+
+
+def _offset_version(msg: Message) -> int:
+    return msg.offset
 
 
 def _naive_round(broker: MemoryBroker, w: Workload, group: str) -> float:

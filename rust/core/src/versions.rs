@@ -672,6 +672,17 @@ impl VersionTable {
         self.read("is_seen", |txn| Ok(seen.get(txn, id)?.is_some_and(|until| until > now_ms)))
     }
 
+    /// `is_seen` for each id, in one read transaction.
+    pub fn is_seen_many(&self, ids: &[&[u8]], now_ms: u64) -> Result<Vec<bool>> {
+        for id in ids {
+            check_key("message id", id, MAX_ID)?;
+        }
+        let seen = self.shared.dbs.seen;
+        self.read("is_seen_many", |txn| {
+            ids.iter().map(|id| Ok(seen.get(txn, id)?.is_some_and(|until| until > now_ms))).collect()
+        })
+    }
+
     /// Forgets ids whose window has passed at `now_ms`; returns how many.
     pub fn purge_expired(&self, now_ms: u64) -> Result<u64> {
         let Dbs { seen, expiry, .. } = self.shared.dbs;

@@ -6,6 +6,7 @@ mod dispatcher;
 mod errors;
 mod partitioner;
 mod ticket;
+mod version_batch;
 mod version_table;
 
 use pyo3::prelude::*;
@@ -16,5 +17,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     partitioner::register(m)?;
     dispatcher::register(m)?;
     version_table::register(m)?;
+    version_batch::register(m)?;
     Ok(())
 }

@@ -14,9 +14,11 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PyTuple};
 
 use crate::args::{int_arg, key_bytes};
 use crate::errors::{Result, invalid_argument, invalid_type, store_error};
+use crate::version_batch::VersionBatch;
+use keylane_core::Error as CoreError;
 
 /// Versions are non-negative and fit a signed 64-bit integer.
-fn version_arg(obj: &Bound<'_, PyAny>) -> Result<u64> {
+pub(crate) fn version_arg(obj: &Bound<'_, PyAny>) -> Result<u64> {
     let v = int_arg(obj, "version")?;
     if v < 0 {
         return Err(invalid_argument(format!("version must be between 0 and {}, got {v}", i64::MAX)));
@@ -93,11 +95,35 @@ impl VersionTable {
 
 /// Keys of a batch, kept alive while their bytes are borrowed.
 fn collect_keys<'py>(objs: &Bound<'py, PyAny>) -> Result<Vec<Bound<'py, PyAny>>> {
-    objs.try_iter()?.map(|k| k.map_err(Into::into)).collect()
+    let py = objs.py();
+    objs.try_iter()?
+        .enumerate()
+        .map(|(i, k)| {
+            breathe(py, i);
+            k.map_err(Into::into)
+        })
+        .collect()
 }
 
 fn borrow_keys<'a>(keys: &'a [Bound<'_, PyAny>]) -> Result<Vec<Cow<'a, [u8]>>> {
-    keys.iter().map(key_bytes).collect()
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| {
+            breathe(k.py(), i);
+            key_bytes(k)
+        })
+        .collect()
+}
+
+/// Converting a big batch holds the GIL (it reads Python objects), and the
+/// runtime calls these from a worker thread while its event loop waits for
+/// the GIL: let other threads run every few thousand items, so a flush of
+/// 100,000s of versions never holds the loop for more than a fraction of a
+/// millisecond at a time.
+fn breathe(py: Python<'_>, index: usize) {
+    if index % 2048 == 2047 {
+        py.detach(std::thread::yield_now);
+    }
 }
 
 /// An optional count of at least `min`.
@@ -224,6 +250,7 @@ impl VersionTable {
         let mut keys = Vec::new();
         let mut versions = Vec::new();
         for (index, pair) in pairs.try_iter()?.enumerate() {
+            breathe(py, index);
             let pair = pair?;
             let tuple = pair.cast::<PyTuple>().ok().filter(|t| t.len() == 2).ok_or_else(|| {
                 invalid_type(format!("check_and_set_many entry {index} must be a (key, version) tuple"))
@@ -337,6 +364,50 @@ impl VersionTable {
         let id = key_bytes(message_id)?;
         let now = self.now_ms(py)?;
         Ok(py.detach(|| table.is_seen(&id, now))?)
+    }
+
+    /// Writes a `VersionBatch`: its versions as `check_and_set_many` and
+    /// its ids as `mark_seen_many` (with `ttl_s`), each in one transaction,
+    /// with the GIL released throughout. The batch is emptied.
+    #[pyo3(signature = (batch, *, ttl_s = None))]
+    fn write_batch(
+        &self,
+        py: Python<'_>,
+        batch: &Bound<'_, VersionBatch>,
+        ttl_s: Option<&Bound<'_, PyAny>>,
+    ) -> Result<()> {
+        let table = self.open()?;
+        let ttl = ttl_arg(ttl_s)?;
+        let now = self.now_ms(py)?;
+        let taken = std::mem::take(&mut *batch.get().inner.lock());
+        let back = py.detach(|| -> Result<(), CoreError> {
+            if !taken.versions.is_empty() {
+                let pairs: Vec<(&[u8], u64)> =
+                    taken.versions.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
+                table.check_and_set_many(&pairs)?;
+            }
+            if !taken.ids.is_empty() {
+                let ids: Vec<&[u8]> = taken.ids.iter().map(Vec::as_slice).collect();
+                table.mark_seen_many(&ids, ttl, now)?;
+            }
+            Ok(())
+        });
+        Ok(back?)
+    }
+
+    /// `is_seen` for each id, in one transaction (the GIL released).
+    fn is_seen_many<'py>(
+        &self,
+        py: Python<'py>,
+        message_ids: &Bound<'py, PyAny>,
+    ) -> Result<Bound<'py, PyList>> {
+        let table = self.open()?;
+        let ids = collect_keys(message_ids)?;
+        let bytes = borrow_keys(&ids)?;
+        let slices: Vec<&[u8]> = bytes.iter().map(|k| &**k).collect();
+        let now = self.now_ms(py)?;
+        let out = py.detach(|| table.is_seen_many(&slices, now))?;
+        Ok(PyList::new(py, out)?)
     }
 
     /// Forgets ids whose window has passed; returns how many.
