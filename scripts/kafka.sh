@@ -89,9 +89,13 @@ launch() {
   seen=${seen:-0}
   setsid nohup java "${jopts[@]}" -cp "$cp" kafka.Kafka "$dir/server.properties" \
     >>"$dir/broker.log" 2>&1 </dev/null &
-  echo $! >"$pidfile"
+  local pid=$!
+  echo "$pid" >"$pidfile"
   until answers "$port" && [ "$(grep -c "Kafka Server started" "$dir/broker.log")" -gt "$seen" ]; do
-    if ! running_pid >/dev/null; then
+    # Alive, by the pid just started: its command line reads "kafka.Kafka"
+    # only once setsid/nohup have exec'd java, which a check right after the
+    # fork can miss.
+    if ! kill -0 "$pid" 2>/dev/null || [[ "$(ps -o stat= -p "$pid" 2>/dev/null)" == Z* ]]; then
       say "the broker exited during start"
       log_tail
       exit 1
