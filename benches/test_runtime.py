@@ -109,3 +109,48 @@ def test_versions_cost_and_stalls(perf: Perf, tmp_path: pathlib.Path) -> None:
     )
     with keylane.VersionTable(tmp_path / "v3") as t:
         assert t.info()["versions"] == w.keys, "every key's version was recorded"
+
+
+def test_journal_in_the_runtime(perf: Perf, tmp_path: pathlib.Path) -> None:
+    """Issue #13: what the version table's journal buys on the product
+    path. The same App run (versions=, no-op handler, 400,000 messages over
+    200,000 keys, a fresh durable table each round) with the journal on
+    (default) and with it off in effect (``journal_entries=1``: every commit
+    folds, i.e. updates the B-tree in place); throughput and p99 handler
+    start latency (fetched -> handler start), alternating rounds."""
+    w = Workload(messages=400_000, keys=200_000)
+    broker = w.broker()
+    gc.collect()
+    gc.freeze()
+    variants = {"journal": None, "no journal": 1}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    starts: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(4):
+        for name, entries in variants.items():
+            path = tmp_path / f"{name.replace(' ', '-')}-{r}"
+            table = (
+                keylane.VersionTable(path, journal_entries=entries)
+                if entries
+                else keylane.VersionTable(path)
+            )
+            stats: dict[str, object] = {}
+            with table:
+                seconds = runner.keylane_round(
+                    broker, w, f"{name}-{r}", versions=table, stats=stats
+                )
+            if r:
+                rates[name].append(w.messages / seconds)
+                dispatch = stats["dispatch_latency"]
+                assert isinstance(dispatch, dict)
+                starts[name].append(float(dispatch["p99"]))
+    group = "journal in the runtime"
+    for name in variants:
+        perf.figure(group, f"{name} msg/s (median)", statistics.median(rates[name]))
+        perf.figure(group, f"{name} handler-start p99 ms", statistics.median(starts[name]) * 1e3)
+    perf.figure(
+        group,
+        "throughput journal/no journal",
+        statistics.median(
+            j / n for j, n in zip(rates["journal"], rates["no journal"], strict=True)
+        ),
+    )

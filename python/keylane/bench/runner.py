@@ -15,9 +15,11 @@ import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
+from keylane._native import VersionTable
 from keylane.app import App
 from keylane.bench.naive import run_naive
 from keylane.bench.workloads import TOPIC, Workload
@@ -94,7 +96,8 @@ def keylane_round(
     group: str,
     topic: str = TOPIC,
     late: list[float] | None = None,
-    versions: str | os.PathLike[str] | None = None,
+    versions: VersionTable | str | os.PathLike[str] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> float:
     """One timed run of keylane over the workload as consumer group
     ``group``; with ``versions``, a version table there checks and records
@@ -111,6 +114,8 @@ def keylane_round(
     app.handler(w.handler())
     run = functools.partial(app.run, until_idle=True, handle_signals=False)
     elapsed = trio.run(_timed, run, late)
+    if stats is not None:
+        stats.update(app.stats())
     handled = app.stats()["handled"]
     if handled != w.messages:
         raise RuntimeError(f"keylane handled {handled} of {w.messages} messages")
