@@ -8,10 +8,15 @@ is left to `keylane bench` (it takes minutes at this size).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import math
 import pathlib
 import statistics
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
 
 import pytest
 
@@ -32,45 +37,90 @@ def test_runtime_throughput(perf: Perf) -> None:
     assert len(result.keylane) == 3
 
 
+@dataclasses.dataclass
+class Rounds:
+    """What alternating rounds of one workload measured, per variant."""
+
+    rates: dict[str, list[float]]
+    late: dict[str, list[float]]
+    stats: dict[str, list[dict[str, Any]]]
+
+    def ratio(self, a: str, b: str) -> float:
+        """Median of the per-round throughput ratios a / b."""
+        return statistics.median(x / y for x, y in zip(self.rates[a], self.rates[b], strict=True))
+
+    def report(self, perf: Perf, group: str) -> None:
+        for name, rates in self.rates.items():
+            perf.figure(group, f"{name} msg/s (median)", statistics.median(rates))
+            ordered = sorted(self.late[name])
+            perf.figure(group, f"{name} late p99 ms", ordered[int(0.99 * len(ordered))] * 1e3)
+            perf.figure(group, f"{name} late max ms", ordered[-1] * 1e3)
+
+
+def alternate_rounds(
+    w: Workload,
+    variants: dict[str, Callable[[int], AbstractContextManager[dict[str, Any]]]],
+    rounds: int = 3,
+) -> Rounds:
+    """Runs ``w`` once per variant per round, alternating, after one
+    warm-up round, with the heartbeat beside the App. Each variant is a
+    context manager factory (given the round number) yielding extra
+    ``keylane_round`` arguments. As keylane bench does, the produced
+    messages are frozen out of the GC's sight first: they are the
+    in-process broker's, not the App's garbage."""
+    broker = w.broker()
+    gc.collect()
+    gc.freeze()
+    out = Rounds({n: [] for n in variants}, {n: [] for n in variants}, {n: [] for n in variants})
+    for r in range(rounds + 1):
+        for name, setup in variants.items():
+            heard: list[float] = []
+            stats: dict[str, Any] = {}
+            with setup(r) as kwargs:
+                seconds = runner.keylane_round(
+                    broker, w, f"{name}-{r}", late=heard, stats=stats, **kwargs
+                )
+            if r:  # the first round warms up
+                out.rates[name].append(w.messages / seconds)
+                out.late[name].extend(heard)
+                out.stats[name].append(stats)
+    assert all(out.late.values()), "the heartbeat ran in every variant"
+    return out
+
+
+@contextlib.contextmanager
+def _nothing(_: int) -> Iterator[dict[str, Any]]:
+    yield {}
+
+
 def test_event_loop_hold(perf: Perf, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue #13: beside an App at full speed (no-op handler, 400,000
     messages, 200,000 keys), a task sleeping 1 ms wakes at most 2 ms late
     (p99) and 20 ms (max), for at most 10% of throughput. The cost is measured
     against the same runtime with its time slice switched off (one slice of
     infinite length), in alternating rounds of one run."""
-    w = Workload(messages=400_000, keys=200_000)
-    broker = w.broker()
-    # As keylane bench does: the in-process broker's messages are not the
-    # App's garbage (a broker in another process would not hold them here).
-    gc.collect()
-    gc.freeze()
-    rates: dict[str, list[float]] = {"sliced": [], "unsliced": []}
-    late: dict[str, list[float]] = {"sliced": [], "unsliced": []}
-    variants = (("sliced", _runtime._SLICE), ("unsliced", math.inf))
-    for r in range(4):
-        for name, slice_s in variants:
-            monkeypatch.setattr(_runtime, "_SLICE", slice_s)
-            heard: list[float] = []
-            seconds = runner.keylane_round(broker, w, f"{name}-{r}", late=heard)
-            if r:  # the first round warms up
-                rates[name].append(w.messages / seconds)
-                late[name].extend(heard)
-    group = "event loop (no-op handler)"
-    ratio = statistics.median(
-        s / u for s, u in zip(rates["sliced"], rates["unsliced"], strict=True)
+    shipped = _runtime._SLICE
+
+    def with_slice(seconds: float) -> Callable[[int], AbstractContextManager[dict[str, Any]]]:
+        @contextlib.contextmanager
+        def setup(_: int) -> Iterator[dict[str, Any]]:
+            monkeypatch.setattr(_runtime, "_SLICE", seconds)
+            yield {}
+
+        return setup
+
+    rounds = alternate_rounds(
+        Workload(messages=400_000, keys=200_000),
+        {"sliced": with_slice(shipped), "unsliced": with_slice(math.inf)},
     )
-    for name in rates:
-        ordered = sorted(late[name])
-        perf.figure(group, f"{name} msg/s (median)", statistics.median(rates[name]))
-        perf.figure(group, f"{name} late p99 ms", ordered[int(0.99 * len(ordered))] * 1e3)
-        perf.figure(group, f"{name} late max ms", ordered[-1] * 1e3)
-    perf.figure(group, "throughput sliced/unsliced", ratio)
+    group = "event loop (no-op handler)"
+    rounds.report(perf, group)
+    perf.figure(group, "throughput sliced/unsliced", rounds.ratio("sliced", "unsliced"))
     perf.expect(
         Below(group, "sliced late p99 ms", 2.0),
         Below(group, "sliced late max ms", 20.0),
         AtLeast(group, "throughput sliced/unsliced", 0.9),
     )
-    assert all(late.values())
 
 
 def test_versions_cost_and_stalls(perf: Perf, tmp_path: pathlib.Path) -> None:
@@ -80,29 +130,17 @@ def test_versions_cost_and_stalls(perf: Perf, tmp_path: pathlib.Path) -> None:
     table's lookups are prefetched in a worker thread, off the lock a
     commit holds through its fold and fsync). Alternating rounds, a fresh
     table each round (so every version is new and folds happen)."""
+
+    @contextlib.contextmanager
+    def fresh_table(r: int) -> Iterator[dict[str, Any]]:
+        yield {"versions": tmp_path / f"v{r}"}
+
     # 200,000 keys: the table grows big enough for folds to take a while.
     w = Workload(keys=200_000)
-    broker = w.broker()
-    gc.collect()
-    gc.freeze()
-    rates: dict[str, list[float]] = {"versions": [], "plain": []}
-    late: dict[str, list[float]] = {"versions": [], "plain": []}
-    for r in range(4):
-        for name in rates:
-            heard: list[float] = []
-            table = tmp_path / f"v{r}" if name == "versions" else None
-            seconds = runner.keylane_round(broker, w, f"{name}-{r}", late=heard, versions=table)
-            if r:
-                rates[name].append(w.messages / seconds)
-                late[name].extend(heard)
+    rounds = alternate_rounds(w, {"versions": fresh_table, "plain": _nothing})
     group = "versions= (no-op handler)"
-    ratio = statistics.median(v / p for v, p in zip(rates["versions"], rates["plain"], strict=True))
-    for name in rates:
-        ordered = sorted(late[name])
-        perf.figure(group, f"{name} msg/s (median)", statistics.median(rates[name]))
-        perf.figure(group, f"{name} late p99 ms", ordered[int(0.99 * len(ordered))] * 1e3)
-        perf.figure(group, f"{name} late max ms", ordered[-1] * 1e3)
-    perf.figure(group, "throughput versions/plain", ratio)
+    rounds.report(perf, group)
+    perf.figure(group, "throughput versions/plain", rounds.ratio("versions", "plain"))
     perf.expect(
         AtLeast(group, "throughput versions/plain", 0.8),
         Below(group, "versions late max ms", 5.0),
@@ -118,39 +156,22 @@ def test_journal_in_the_runtime(perf: Perf, tmp_path: pathlib.Path) -> None:
     (default) and with it off in effect (``journal_entries=1``: every commit
     folds, i.e. updates the B-tree in place); throughput and p99 handler
     start latency (fetched -> handler start), alternating rounds."""
-    w = Workload(messages=400_000, keys=200_000)
-    broker = w.broker()
-    gc.collect()
-    gc.freeze()
-    variants = {"journal": None, "no journal": 1}
-    rates: dict[str, list[float]] = {name: [] for name in variants}
-    starts: dict[str, list[float]] = {name: [] for name in variants}
-    for r in range(4):
-        for name, entries in variants.items():
-            path = tmp_path / f"{name.replace(' ', '-')}-{r}"
-            table = (
-                keylane.VersionTable(path, journal_entries=entries)
-                if entries
-                else keylane.VersionTable(path)
-            )
-            stats: dict[str, object] = {}
-            with table:
-                seconds = runner.keylane_round(
-                    broker, w, f"{name}-{r}", versions=table, stats=stats
-                )
-            if r:
-                rates[name].append(w.messages / seconds)
-                dispatch = stats["dispatch_latency"]
-                assert isinstance(dispatch, dict)
-                starts[name].append(float(dispatch["p99"]))
-    group = "journal in the runtime"
-    for name in variants:
-        perf.figure(group, f"{name} msg/s (median)", statistics.median(rates[name]))
-        perf.figure(group, f"{name} handler-start p99 ms", statistics.median(starts[name]) * 1e3)
-    perf.figure(
-        group,
-        "throughput journal/no journal",
-        statistics.median(
-            j / n for j, n in zip(rates["journal"], rates["no journal"], strict=True)
-        ),
+
+    def table(name: str, **options: int) -> Callable[[int], AbstractContextManager[dict[str, Any]]]:
+        @contextlib.contextmanager
+        def setup(r: int) -> Iterator[dict[str, Any]]:
+            with keylane.VersionTable(tmp_path / f"{name}-{r}", **options) as t:
+                yield {"versions": t}
+
+        return setup
+
+    rounds = alternate_rounds(
+        Workload(messages=400_000, keys=200_000),
+        {"journal": table("journal"), "no journal": table("flat", journal_entries=1)},
     )
+    group = "journal in the runtime"
+    rounds.report(perf, group)
+    for name, stats in rounds.stats.items():
+        p99s = [float(s["dispatch_latency"]["p99"]) for s in stats]
+        perf.figure(group, f"{name} handler-start p99 ms", statistics.median(p99s) * 1e3)
+    perf.figure(group, "throughput journal/no journal", rounds.ratio("journal", "no journal"))

@@ -8,12 +8,26 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 import trio.testing
 
 import keylane
 from keylane.brokers import TopicPartition
+
+# Retries quick enough for tests on a virtual clock.
+FAST_RETRY = keylane.RetryPolicy(
+    max_attempts=3, backoff_base=0.01, backoff_factor=2, backoff_max=0.05, jitter=0
+)
+
+
+def make_app(broker: keylane.MemoryBroker, **kw: Any) -> keylane.App:
+    """An App on ``payments`` as group ``wallet``, committing every 50 ms."""
+    kw.setdefault("topics", ["payments"])
+    kw.setdefault("group", "wallet")
+    kw.setdefault("commit_interval", 0.05)
+    return keylane.App(broker, **kw)
 
 
 def produce_many(

@@ -17,18 +17,7 @@ import keylane
 from keylane import App, MemoryBroker, Message, RetryPolicy
 from keylane.brokers import TopicPartition
 
-from .conftest import OrderChecker, end_offsets, produce_many, wait_until
-
-FAST_RETRY = RetryPolicy(
-    max_attempts=3, backoff_base=0.01, backoff_factor=2, backoff_max=0.05, jitter=0
-)
-
-
-def make_app(broker: MemoryBroker, **kw: Any) -> App:
-    kw.setdefault("topics", ["payments"])
-    kw.setdefault("group", "wallet")
-    kw.setdefault("commit_interval", 0.05)
-    return App(broker, **kw)
+from .conftest import FAST_RETRY, OrderChecker, end_offsets, make_app, produce_many, wait_until
 
 
 def test_the_readme_example_runs_until_idle() -> None:

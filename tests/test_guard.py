@@ -12,21 +12,12 @@ import pytest
 import trio
 
 import keylane
-from keylane import App, MemoryBroker, Message, RetryPolicy
+from keylane import MemoryBroker, Message, RetryPolicy
 from keylane._guard import HASHED_PREFIX, MAX_TABLE_ID, MAX_TABLE_KEY, table_name
 from keylane.dlq import DeadLetter
 from keylane.message import UndecodableRecord
 
-FAST_RETRY = RetryPolicy(
-    max_attempts=3, backoff_base=0.01, backoff_factor=2, backoff_max=0.05, jitter=0
-)
-
-
-def make_app(broker: MemoryBroker, **kw: Any) -> App:
-    kw.setdefault("topics", ["payments"])
-    kw.setdefault("group", "wallet")
-    kw.setdefault("commit_interval", 0.05)
-    return App(broker, **kw)
+from .conftest import FAST_RETRY, make_app
 
 
 def test_table_names_keep_valid_keys_and_hash_the_rest() -> None:

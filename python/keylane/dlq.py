@@ -305,11 +305,16 @@ _Park = Callable[[Broker, Message, str, str], Awaitable[None]]
 def _parking(skip: bool, topic: str | None, path: str | os.PathLike[str] | None) -> _Park | None:
     if not skip:
         if topic is not None or path is not None:
-            raise ConfigError("park_topic/park_file are used with skip_malformed=True")
+            raise ConfigError(
+                "park_topic/park_file (--park-topic/--park-file) only go with "
+                "skip_malformed=True (--skip-malformed)"
+            )
         return None
     if (topic is None) == (path is None):
         raise ConfigError(
-            "skip_malformed needs exactly one place to park what it skips: park_topic or park_file"
+            "skip_malformed (--skip-malformed) needs exactly one place to park what it "
+            "skips, so that nothing is lost: park_topic (--park-topic TOPIC) or "
+            "park_file (--park-file PATH)"
         )
     if topic is not None:
 

@@ -44,6 +44,12 @@ class UndecodableRecord(Message):
 
     problem: str = ""
 
+    @classmethod
+    def of(cls, message: Message, problem: str) -> UndecodableRecord:
+        """``message`` (what could be read of the record), marked undecodable."""
+        fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(Message)}
+        return cls(**fields, problem=problem)
+
 
 def _as_bytes(value: object, what: str) -> bytes:
     if isinstance(value, bytes):

@@ -51,35 +51,23 @@ def convert(
             chunk = chunks.setdefault(TopicPartition(topic, partition), [])
         offset = m.offset()
         assert offset is not None
+        problem: str | None = None
         try:
             headers = m.headers()
         except (UnicodeDecodeError, ValueError, TypeError) as e:
             # One record's bad header must not fail the whole batch: the
             # runtime dead-letters it (or skips/blocks, per on_exhausted).
-            chunk.append(
-                UndecodableRecord(
-                    topic,  # type: ignore[arg-type]
-                    partition,  # type: ignore[arg-type]
-                    offset,
-                    m.key(),
-                    m.value() or b"",
-                    _NO_HEADERS,
-                    m.timestamp()[1] / 1000.0,
-                    problem=f"its headers cannot be decoded: {e}",
-                )
-            )
-            continue
-        chunk.append(
-            Message(
-                topic,  # type: ignore[arg-type]
-                partition,  # type: ignore[arg-type]
-                offset,
-                m.key(),
-                m.value() or b"",
-                _headers(headers) if headers else _NO_HEADERS,
-                m.timestamp()[1] / 1000.0,
-            )
+            headers, problem = None, f"its headers cannot be decoded: {e}"
+        message = Message(
+            topic,  # type: ignore[arg-type]
+            partition,  # type: ignore[arg-type]
+            offset,
+            m.key(),
+            m.value() or b"",
+            _headers(headers) if headers else _NO_HEADERS,
+            m.timestamp()[1] / 1000.0,
         )
+        chunk.append(message if problem is None else UndecodableRecord.of(message, problem))
     return chunks
 
 
