@@ -5,7 +5,7 @@ setup:
 	scripts/setup
 
 build-dev:
-	VIRTUAL_ENV=$(CURDIR)/.venv .venv/bin/maturin develop --release --extras prometheus,kafka
+	VIRTUAL_ENV=$(CURDIR)/.venv .venv/bin/maturin develop --release --extras prometheus,kafka,plot
 
 lint:
 	scripts/lint

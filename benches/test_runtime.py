@@ -149,6 +149,25 @@ def test_versions_cost_and_stalls(perf: Perf, tmp_path: pathlib.Path) -> None:
         assert t.info()["versions"] == w.keys, "every key's version was recorded"
 
 
+def test_dedupe_cost(perf: Perf, tmp_path: pathlib.Path) -> None:
+    """The App with ``dedupe=`` (every message's id looked up and recorded
+    in a fresh version table) against the same run without, alternating
+    rounds: what deduplication costs on the product path. No target; the
+    figure is in docs/benchmarks.md so a regression shows."""
+
+    @contextlib.contextmanager
+    def fresh_table(r: int) -> Iterator[dict[str, Any]]:
+        yield {"versions": tmp_path / f"d{r}", "dedupe": True}
+
+    w = Workload(messages=400_000)
+    rounds = alternate_rounds(w, {"dedupe": fresh_table, "plain": _nothing})
+    group = "dedupe= (no-op handler)"
+    rounds.report(perf, group)
+    perf.figure(group, "throughput dedupe/plain", rounds.ratio("dedupe", "plain"))
+    assert all(s["handled"] == w.messages for s in rounds.stats["dedupe"])
+    assert all(s["duplicates_skipped"] == 0 for s in rounds.stats["dedupe"])
+
+
 def test_journal_in_the_runtime(perf: Perf, tmp_path: pathlib.Path) -> None:
     """Issue #13: what the version table's journal buys on the product
     path. The same App run (versions=, no-op handler, 400,000 messages over

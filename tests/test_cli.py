@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -224,19 +223,3 @@ def test_dlq_replay_command(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert result.returncode == 0, result.stderr
     # 400 values, those ending in 7 failed: 40 dead letters.
     assert result.stdout.strip() == "replayed 40 dead letters from jobs.dlq"
-
-
-def test_bench_command_small(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    out = tmp_path / "bench.json"
-    result = invoke(["bench", "-n", "3000", "--keys", "100", "--rounds", "1", "--json", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "keylane: " in result.output
-    assert "naive pure-Python runtime: " in result.output
-    assert "target: >= 300,000 msg/s" in result.output
-    data = json.loads(out.read_text())
-    assert data["workload"]["messages"] == 3000
-    assert len(data["keylane_seconds"]) == 1
-    assert data["keylane_msg_per_s"] > 0
-    assert "event loop: a 1 ms heartbeat beside the App woke late by" in result.output
-    late = data["heartbeat_late_ms"]
-    assert 0 <= late["p50"] <= late["p99"] <= late["max"]

@@ -7,21 +7,19 @@ Every option can also come from the environment: ``KEYLANE_<COMMAND>_<OPTION>``
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import importlib.machinery
-import json
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import click
 import trio
 
 import keylane
+from keylane.bench.command import bench
 
 ENV_PREFIX = "KEYLANE"
 
@@ -324,189 +322,7 @@ def dlq_replay(
     click.echo(f"replayed {count} dead letters from {app.dlq}")
 
 
-@main.command()
-@click.option("--messages", "-n", type=click.IntRange(min=1), default=1_000_000, show_envvar=True)
-@click.option("--keys", type=click.IntRange(min=1), default=10_000, show_envvar=True)
-@click.option("--partitions", type=click.IntRange(min=1), default=12, show_envvar=True)
-@click.option("--concurrency", type=click.IntRange(min=1), default=256, show_envvar=True)
-@click.option(
-    "--ordering",
-    type=click.Choice(["key", "partition", "total", "none"]),
-    default="key",
-    show_envvar=True,
-)
-@click.option(
-    "--handler-sleep",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_envvar=True,
-    help="Seconds each handler sleeps (0: a no-op handler).",
-)
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_envvar=True)
-@click.option(
-    "--baseline/--no-baseline",
-    default=True,
-    show_envvar=True,
-    help="Also run the naive pure-Python runtime, in alternating rounds.",
-)
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write the results to this file.",
-)
-@click.option(
-    "--gc-freeze/--no-gc-freeze",
-    default=True,
-    show_envvar=True,
-    help="Move the produced messages out of the cyclic GC's sight before timing.",
-)
-@click.option(
-    "--broker",
-    default="memory",
-    show_envvar=True,
-    help="memory (the in-process broker, against the naive runtime), or "
-    "kafka://HOST:PORT (a real broker, against a bare confluent-kafka loop).",
-)
-@click.option(
-    "--preset",
-    type=click.Choice(["throughput", "parallel-consumer", "latency"]),
-    default="throughput",
-    show_envvar=True,
-    help="throughput: the no-op workload above against a baseline; parallel-consumer: "
-    "the Confluent Parallel Consumer README table (10,000 messages, uniform 0-5 ms, "
-    "concurrency 100, one partition), each row beside its bound and the published seconds; "
-    "latency (Kafka only): produce -> handler start at a steady rate.",
-)
-@click.option(
-    "--rate",
-    type=click.FloatRange(min=1),
-    default=None,
-    show_envvar=True,
-    help="latency preset: messages per second to produce (default: half the saturation "
-    "throughput, measured first).",
-)
-@click.option(
-    "--duration",
-    type=click.FloatRange(min=1),
-    default=10.0,
-    show_envvar=True,
-    help="latency preset: seconds to produce for.",
-)
-@click.option("--check", is_flag=True, help="Exit 1 if the throughput target is missed.")
-def bench(
-    messages: int,
-    keys: int,
-    partitions: int,
-    concurrency: int,
-    ordering: str,
-    handler_sleep: float,
-    rounds: int,
-    baseline: bool,
-    json_path: Path | None,
-    gc_freeze: bool,
-    broker: str,
-    preset: str,
-    rate: float | None,
-    duration: float,
-    check: bool,
-) -> None:
-    """Measures keylane's runtime on the in-memory broker: messages per
-    second from the first fetch to the last commit, against a naive
-    pure-Python runtime in the same run."""
-    from keylane.bench import report, runner
-    from keylane.bench.workloads import Workload
-
-    if preset == "parallel-consumer":
-        _bench_parallel_consumer(broker, json_path, check)
-        return
-    workload = Workload(messages, keys, partitions, ordering, concurrency, handler_sleep)
-    if preset == "latency":
-        _bench_latency(broker, workload, rate, duration, json_path)
-        return
-    click.echo(f"keylane bench: {workload.describe()}")
-    click.echo(f"machine: {report.machine()}")
-    if broker != "memory":
-        from keylane.bench import kafka
-
-        bootstrap = _kafka_bootstrap(broker)
-        click.echo(f"broker: Kafka at {bootstrap}")
-        kresult = kafka.run(workload, bootstrap, rounds=rounds, progress=click.echo)
-        for line in kresult.summary():
-            click.echo(line)
-        if json_path is not None:
-            json_path.write_text(json.dumps(dataclasses.asdict(kresult), indent=2) + "\n")
-        if check and kresult.ratio < kafka.TARGET_RATIO:
-            sys.exit(1)
-        return
-    result = runner.run(
-        workload, rounds=rounds, baseline=baseline, freeze_gc=gc_freeze, progress=click.echo
-    )
-    for line in report.summary(result):
-        click.echo(line)
-    if json_path is not None:
-        report.save(result, json_path)
-    if check and result.keylane_rate < runner.TARGET_MSG_PER_S:
-        sys.exit(1)
-
-
-def _kafka_bootstrap(url: str) -> str:
-    from keylane.bench import kafka
-
-    try:
-        return kafka.parse_url(url)
-    except keylane.ConfigError as e:
-        raise click.BadParameter(str(e), param_hint="--broker") from None
-
-
-def _bench_latency(
-    url: str, workload: Any, rate: float | None, duration: float, json_path: Path | None
-) -> None:
-    from keylane.bench import kafka, kafka_latency, report
-
-    if url == "memory":
-        raise click.BadParameter(
-            "the latency preset runs on Kafka: --broker kafka://HOST:PORT", param_hint="--preset"
-        )
-    bootstrap = _kafka_bootstrap(url)
-    click.echo(f"keylane bench --preset latency on Kafka at {bootstrap}")
-    click.echo(f"machine: {report.machine()}")
-    saturation_load = dataclasses.replace(workload, messages=min(workload.messages, 300_000))
-
-    def saturation() -> float:
-        return kafka.run(saturation_load, bootstrap, rounds=1).keylane_rate
-
-    result = kafka_latency.run(
-        bootstrap, rate=rate, seconds=duration, saturation=saturation, progress=click.echo
-    )
-    for line in result.summary():
-        click.echo(line)
-    if json_path is not None:
-        json_path.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
-
-
-def _bench_parallel_consumer(url: str, json_path: Path | None, check: bool) -> None:
-    from keylane.bench import parallel_consumer, report
-
-    click.echo(f"keylane bench --preset parallel-consumer: {parallel_consumer.DESCRIPTION}")
-    click.echo(f"machine: {report.machine()}; broker: {url}")
-    if url == "memory":
-        mem = keylane.MemoryBroker(partitions=1)
-        rows = parallel_consumer.run(mem, mem.create_topic, lambda: None, progress=click.echo)
-    else:
-        kb = keylane.KafkaBroker(_kafka_bootstrap(url))
-        rows = parallel_consumer.run(kb, kb.create_topic, kb.flush_sync, progress=click.echo)
-    missed = [r for r in rows if r.verdict == "MISS"]
-    click.echo(
-        f"target: every row within {parallel_consumer.TARGET_RATIO}x of its bound: "
-        + ("PASS" if not missed else f"MISS ({len(missed)} rows)")
-    )
-    if json_path is not None:
-        data = [{**dataclasses.asdict(r), "ratio": r.ratio, "broker": url} for r in rows]
-        json_path.write_text(json.dumps(data, indent=2) + "\n")
-    if check and missed:
-        sys.exit(1)
+main.add_command(bench)
 
 
 def run() -> None:

@@ -7,6 +7,11 @@ and per partition a deque of fetched offsets plus a set of finished ones for
 the commit watermark. It keeps the same guarantees as keylane's runtime on this
 workload (per-key order, commits only below unfinished messages) and is the
 in-run baseline of ``keylane bench``.
+
+It runs the same ordering model as what it is compared with: a lane per
+key (``"key"``; key-less messages get one each), per partition
+(``"partition"``), one lane for everything (``"total"``), or a lane per
+message (``"none"``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from keylane.brokers.base import Broker, TopicPartition
+from keylane.errors import ConfigError
 from keylane.message import Message
 
 
@@ -27,6 +33,7 @@ async def run_naive(
     handler: Callable[[Message], Awaitable[None]],
     *,
     concurrency: int,
+    ordering: str = "key",
     capacity: int = 100_000,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -35,7 +42,10 @@ async def run_naive(
     await consumer.join()
     limiter = trio.CapacityLimiter(concurrency)
     room = trio.Semaphore(capacity)
-    lanes: dict[bytes | None, trio.MemorySendChannel[Message]] = {}
+    lane_of = _LANE_OF.get(ordering)
+    if lane_of is None:
+        raise ConfigError(f"ordering must be one of {', '.join(_LANE_OF)}; got {ordering!r}")
+    lanes: dict[object, trio.MemorySendChannel[Message]] = {}
     fetched: dict[TopicPartition, deque[int]] = {}
     finished: dict[TopicPartition, set[int]] = {}
     last: dict[TopicPartition, int] = {}
@@ -83,12 +93,17 @@ async def run_naive(
                             await room.acquire()
                         offsets.append(msg.offset)
                         last[tp] = msg.offset
-                        lane = lanes.get(msg.key)
+                        lane_id = lane_of(msg)
+                        lane = lanes.get(lane_id)
                         if lane is None:
                             send, receive = trio.open_memory_channel[Message](capacity)
-                            lanes[msg.key] = lane = send
+                            lane = send
+                            if lane_id is not None:
+                                lanes[lane_id] = send
                             keys.start_soon(key_task, receive)
                         lane.send_nowait(msg)
+                        if lane_id is None:
+                            lane.close()
                 if not fetch.chunks and fetch.at_end and fetch.settled and room.value == capacity:
                     break
             for lane in lanes.values():
@@ -96,3 +111,15 @@ async def run_naive(
         await commit()
         top.cancel_scope.cancel()
     await consumer.close()
+
+
+def _unique(msg: Message) -> None:
+    return None
+
+
+_LANE_OF: dict[str, Callable[[Message], object]] = {
+    "key": lambda msg: msg.key,
+    "partition": lambda msg: msg.partition,
+    "total": lambda msg: 0,
+    "none": _unique,
+}

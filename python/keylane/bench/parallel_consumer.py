@@ -7,9 +7,11 @@ messages, so the bound and the run use the same work), concurrency 100.
 Rows: partition order; key order with 1, 2, 5, 10, 20, 100, 1,000 and 10,000
 keys; unordered. Each row's bound is computed from the same durations: the
 larger of total work / concurrency and the longest serial chain the model
-imposes (the busiest key; the whole partition for partition order). A row
-is timed from its first handler start to the end of the run (final commit
-included; a real broker's group join is not).
+imposes (the busiest key; the whole partition for partition order). Beside
+it, the same sleeps run by bare Trio tasks at the same concurrency (no
+broker, no ordering), measured in the same run: what the event loop itself
+allows. A row is timed from its first handler start to the end of the run
+(final commit included; a real broker's group join is not).
 
 Published seconds (Confluent Parallel Consumer README; their machine, their
 client, Kafka): PARTITION 22.221; KEY 1 → 26.743, 2 → 13.576, 5 → 5.916,
@@ -20,29 +22,25 @@ UNORDERED 2.829.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import random
-import struct
-import time
-import uuid
-from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
-import trio
-
-from keylane.app import App
-from keylane.brokers.base import Broker
-from keylane.message import Message
+from keylane.bench.cell import CellResult, run_cell
+from keylane.bench.models import CellSpec, bound_seconds, draw
+from keylane.bench.suite import trio_ceiling
+from keylane.bench.targets import Target
 
 MESSAGES = 10_000
 CONCURRENCY = 100
-MAX_WORK_S = 0.005
+MEAN_WORK_MS = 2.5  # uniform 0-5 ms
 DESCRIPTION = (
     f"{MESSAGES:,} messages on one partition, handlers sleeping uniform 0-5 ms, "
     f"concurrency {CONCURRENCY}; partition order, key order over 1-10,000 keys, unordered"
 )
-# Target: every row within this factor of its bound.
+# Targets: every row within this factor of its bound; rows with >= 100 keys
+# this many times faster than the published seconds.
 TARGET_RATIO = 1.25
+TARGET_SPEEDUP = 4.0
 
 # (model, keys) → published seconds.
 PUBLISHED: dict[tuple[str, int], float] = {
@@ -60,13 +58,31 @@ PUBLISHED: dict[tuple[str, int], float] = {
 ROWS: list[tuple[str, int]] = list(PUBLISHED)
 
 
+def spec(model: str, keys: int, *, seed: int = 1, messages: int = MESSAGES) -> CellSpec:
+    return CellSpec(model, keys, MEAN_WORK_MS, "uniform", CONCURRENCY, 1, messages, 0.0, seed)
+
+
 @dataclasses.dataclass
 class Row:
-    model: str
-    keys: int
-    seconds: float
+    cell: CellResult
     bound_s: float
-    published_s: float
+    bare_s: float
+
+    @property
+    def model(self) -> str:
+        return self.cell.model
+
+    @property
+    def keys(self) -> int:
+        return self.cell.keys
+
+    @property
+    def seconds(self) -> float:
+        return self.cell.seconds
+
+    @property
+    def published_s(self) -> float:
+        return self.cell.published_s or float("nan")
 
     @property
     def ratio(self) -> float:
@@ -76,80 +92,39 @@ class Row:
     def verdict(self) -> str:
         return "PASS" if self.ratio <= TARGET_RATIO else "MISS"
 
-
-def work(seed: int = 1, messages: int = MESSAGES) -> list[float]:
-    rng = random.Random(seed)
-    return [rng.uniform(0, MAX_WORK_S) for _ in range(messages)]
-
-
-def bound(model: str, keys: int, durations: list[float]) -> float:
-    total = sum(durations)
-    if model == "partition":
-        return total  # one partition: one message at a time
-    spread = total / CONCURRENCY
-    if model == "none":
-        return max(spread, max(durations))
-    per_key: dict[int, float] = defaultdict(float)
-    for i, d in enumerate(durations):
-        per_key[i % keys] += d
-    return max(spread, max(per_key.values()))
+    def as_json(self) -> dict[str, Any]:
+        return {
+            **self.cell.as_json(),
+            "bound_s": self.bound_s,
+            "bare_trio_s": self.bare_s,
+            "ratio_to_bound": self.ratio,
+        }
 
 
 def run_row(
-    broker: Broker,
-    create_topic: Callable[[str, int], None],
-    flush: Callable[[], None],
-    model: str,
-    keys: int,
-    durations: list[float],
+    target: Target, model: str, keys: int, *, bare_s: float, seed: int = 1, messages: int = MESSAGES
 ) -> Row:
-    topic = f"pc-{model}-{keys}-{uuid.uuid4().hex[:8]}"
-    create_topic(topic, 1)
-    for i, d in enumerate(durations):
-        broker.produce(topic, key=f"k{i % keys}", value=struct.pack("<d", d))
-    flush()
-    app = App(
-        broker,
-        topics=[topic],
-        group=f"pc-{uuid.uuid4().hex[:8]}",
-        ordering=model,  # type: ignore[arg-type]
-        concurrency=CONCURRENCY,
-    )
-    first: list[float] = []
-
-    # Timed from the first handler start (a real broker's group join is not
-    # part of the work) to the end of the run, its final commit included.
-    @app.handler
-    async def sleep_for(msg: Message) -> None:
-        if not first:
-            first.append(time.perf_counter())
-        (seconds,) = struct.unpack("<d", msg.value)
-        await trio.sleep(seconds)
-
-    trio.run(functools.partial(app.run, until_idle=True, handle_signals=False))
-    elapsed = time.perf_counter() - first[0]
-    if app.stats()["handled"] != len(durations):
-        raise RuntimeError(f"handled {app.stats()['handled']} of {len(durations)}")
-    published = PUBLISHED.get((model, keys), float("nan"))
-    return Row(model, keys, elapsed, bound(model, keys, durations), published)
+    s = spec(model, keys, seed=seed, messages=messages)
+    cell = run_cell(target, s, preset="parallel-consumer")
+    cell.published_s = PUBLISHED.get((model, keys))
+    return Row(cell, bound_seconds(s, draw(s)), bare_s)
 
 
 def run(
-    broker: Broker,
-    create_topic: Callable[[str, int], None],
-    flush: Callable[[], None],
+    target: Target,
     *,
+    seed: int = 1,
+    messages: int = MESSAGES,
     progress: Callable[[str], None] = lambda line: None,
 ) -> list[Row]:
-    durations = work()
+    bare = trio_ceiling(spec("none", messages, seed=seed, messages=messages)).seconds
+    progress(f"bare Trio tasks, the same sleeps: {bare:.3f} s")
     rows = []
     for model, keys in ROWS:
-        started = time.perf_counter()
-        row = run_row(broker, create_topic, flush, model, keys, durations)
+        row = run_row(target, model, min(keys, messages), bare_s=bare, seed=seed, messages=messages)
         rows.append(row)
         progress(
-            f"{model:9} keys={keys:>6,}: {row.seconds:6.3f} s, bound {row.bound_s:6.3f} s "
-            f"({row.ratio:.2f}x, {row.verdict}); published {row.published_s:6.3f} s "
-            f"[{time.perf_counter() - started:.1f} s with producing]"
+            f"{model:9} keys={row.keys:>6,}: {row.seconds:6.3f} s, bound {row.bound_s:6.3f} s "
+            f"({row.ratio:.2f}x, {row.verdict}); published {row.published_s:6.3f} s"
         )
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,46 @@ def as_json(result: Result) -> dict[str, Any]:
 
 def save(result: Result, path: Path) -> None:
     path.write_text(json.dumps(as_json(result), indent=2) + "\n")
+
+
+def rows(result: Result) -> list[dict[str, Any]]:
+    """The throughput comparison as ``--json`` cells: one per runtime, with
+    the same fields as the model comparison's (those that do not apply are
+    null)."""
+    w = result.workload
+    common = {
+        "preset": "throughput",
+        "broker": "memory",
+        "model": w.ordering,
+        "keys": w.keys,
+        "latency_ms": w.handler_sleep * 1e3,
+        "distribution": "fixed",
+        "concurrency": w.concurrency,
+        "partitions": w.partitions,
+        "messages": w.messages,
+        "ideal_throughput": None,
+        "p50_ms": None,
+        "p99_ms": None,
+        "p999_ms": None,
+        "dispatch_p99_ms": None,
+        "max_in_flight": None,
+        "peak_rss_mb": None,
+        "order_violations": None,
+    }
+    out = []
+    for runtime, seconds in (("keylane", result.keylane), ("naive", result.naive)):
+        if not seconds:
+            continue
+        median = statistics.median(seconds)
+        row = {
+            **common,
+            "runtime": runtime,
+            "seconds": median,
+            "throughput": w.messages / median,
+            "rounds_seconds": seconds,
+        }
+        if runtime == "keylane":
+            row["speedup_over_naive"] = result.speedup
+            row["heartbeat_late_ms"] = as_json(result)["heartbeat_late_ms"]
+        out.append(row)
+    return out

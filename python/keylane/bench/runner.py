@@ -98,10 +98,13 @@ def keylane_round(
     late: list[float] | None = None,
     versions: VersionTable | str | os.PathLike[str] | None = None,
     stats: dict[str, Any] | None = None,
+    dedupe: bool = False,
 ) -> float:
     """One timed run of keylane over the workload as consumer group
     ``group``; with ``versions``, a version table there checks and records
-    every message (its offset as its version: always new)."""
+    every message (its offset as its version: always new); with ``dedupe``
+    too, every message's id (partition and offset: always new) is checked
+    and recorded instead."""
     app = App(
         broker,
         topics=[topic],
@@ -109,7 +112,9 @@ def keylane_round(
         ordering=w.ordering,  # type: ignore[arg-type]
         concurrency=w.concurrency,
         versions=versions,
-        version_of=_offset_version if versions is not None else None,
+        version_of=_offset_version if versions is not None and not dedupe else None,
+        dedupe=dedupe or None,
+        id_of=_offset_id if dedupe else None,
     )
     app.handler(w.handler())
     run = functools.partial(app.run, until_idle=True, handle_signals=False)
@@ -126,8 +131,20 @@ def _offset_version(msg: Message) -> int:
     return msg.offset
 
 
+def _offset_id(msg: Message) -> str:
+    return f"{msg.partition}:{msg.offset}"
+
+
 def _naive_round(broker: MemoryBroker, w: Workload, group: str) -> float:
-    run = functools.partial(run_naive, broker, TOPIC, group, w.handler(), concurrency=w.concurrency)
+    run = functools.partial(
+        run_naive,
+        broker,
+        TOPIC,
+        group,
+        w.handler(),
+        concurrency=w.concurrency,
+        ordering=w.ordering,
+    )
     elapsed = trio.run(_timed, run)
     if sum(broker.committed(group).values()) != w.messages:
         raise RuntimeError("the naive runtime did not commit every message")

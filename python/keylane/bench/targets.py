@@ -1,0 +1,136 @@
+"""Where a benchmark runs: a broker that gives each run a fresh topic, and a
+wrapper that stamps when each record was fetched (for dispatch latency).
+
+A run never shares a topic with another: on the memory broker each gets a
+new broker (so nothing earlier stays in memory), on Kafka a new topic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable, Collection, Mapping, Sequence
+
+from keylane.brokers.base import Broker, Consumer, Fetch, TopicPartition
+from keylane.brokers.memory import MemoryBroker
+from keylane.errors import ConfigError
+from keylane.message import HeaderValue, KeyLike, ValueLike
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """``fresh(partitions)`` gives a broker and an empty topic on it;
+    ``flush(broker)`` waits until what was produced is stored."""
+
+    name: str
+    fresh: Callable[[int], tuple[Broker, str]]
+    flush: Callable[[Broker], None]
+
+
+def memory() -> Target:
+    def fresh(partitions: int) -> tuple[Broker, str]:
+        broker = MemoryBroker(partitions=partitions)
+        broker.create_topic("bench", partitions)
+        return broker, "bench"
+
+    return Target("memory", fresh, lambda broker: None)
+
+
+def kafka(bootstrap: str) -> Target:
+    from keylane.brokers.kafka import KafkaBroker
+
+    broker = KafkaBroker(bootstrap)
+
+    def fresh(partitions: int) -> tuple[Broker, str]:
+        topic = f"bench-{uuid.uuid4().hex[:12]}"
+        broker.create_topic(topic, partitions)
+        return broker, topic
+
+    def flush(b: Broker) -> None:
+        broker.flush_sync()
+
+    return Target(f"kafka://{bootstrap}", fresh, flush)
+
+
+def parse(url: str) -> Target:
+    """``memory`` or ``kafka://HOST:PORT``."""
+    if url == "memory":
+        return memory()
+    if url.startswith("kafka://"):
+        from keylane.bench.kafka import parse_url
+
+        return kafka(parse_url(url))
+    raise ConfigError(
+        f"broker must be memory or kafka://HOST:PORT, got {url!r} "
+        "(SQS FIFO and Redis Streams arrive with their adapters)"
+    )
+
+
+class Stamped:
+    """A broker whose consumers record, per (partition, offset), when the
+    record was fetched: one dict store per record, on the Trio thread."""
+
+    def __init__(self, inner: Broker, stamps: dict[tuple[int, int], float]) -> None:
+        self._inner = inner
+        self._stamps = stamps
+
+    def consumer(self, group: str, topics: Sequence[str]) -> Consumer:
+        return _StampedConsumer(self._inner.consumer(group, topics), self._stamps)
+
+    def produce(
+        self,
+        topic: str,
+        key: KeyLike | None = None,
+        value: ValueLike = b"",
+        headers: Mapping[str, HeaderValue] | None = None,
+        *,
+        partition: int | None = None,
+    ) -> object:
+        return self._inner.produce(topic, key, value, headers, partition=partition)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+
+class _StampedConsumer:
+    def __init__(self, inner: Consumer, stamps: dict[tuple[int, int], float]) -> None:
+        self._inner = inner
+        self._stamps = stamps
+
+    @property
+    def group(self) -> str:
+        return self._inner.group
+
+    @property
+    def member_id(self) -> str:
+        return self._inner.member_id
+
+    def assignment(self) -> frozenset[TopicPartition]:
+        return self._inner.assignment()
+
+    async def join(self) -> None:
+        await self._inner.join()
+
+    async def fetch(self, max_records: int, max_wait: float) -> Fetch:
+        fetch = await self._inner.fetch(max_records, max_wait)
+        if fetch.chunks:
+            now = time.perf_counter()
+            stamps = self._stamps
+            for tp, records in fetch.chunks:
+                p = tp.partition
+                for msg in records:
+                    stamps[p, msg.offset] = now
+        return fetch
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        await self._inner.commit(offsets)
+
+    async def heartbeat(self) -> None:
+        await self._inner.heartbeat()
+
+    async def release(self, partitions: Collection[TopicPartition]) -> None:
+        await self._inner.release(partitions)
+
+    async def close(self) -> None:
+        await self._inner.close()
