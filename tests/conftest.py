@@ -7,7 +7,7 @@ import itertools
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +15,17 @@ import trio.testing
 
 import keylane
 from keylane.brokers import TopicPartition
+from tests import kafka_server
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """The address of the real broker (started if scripts/test did not)."""
+    address, started = kafka_server.start()
+    yield address
+    if started:
+        kafka_server.stop()
+
 
 # Retries quick enough for tests on a virtual clock.
 FAST_RETRY = keylane.RetryPolicy(

@@ -24,6 +24,7 @@ from keylane.brokers import Faults, MemoryBroker, TopicPartition
 from keylane.errors import (
     BrokerError,
     BrokerTimeout,
+    ConcurrentPushError,
     ConfigError,
     CorruptLogError,
     InvalidArgument,
@@ -46,6 +47,7 @@ __all__ = [
     "App",
     "BrokerError",
     "BrokerTimeout",
+    "ConcurrentPushError",
     "ConfigError",
     "CorruptLogError",
     "Dispatcher",

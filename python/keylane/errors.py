@@ -14,6 +14,7 @@ from __future__ import annotations
 __all__ = [
     "BrokerError",
     "BrokerTimeout",
+    "ConcurrentPushError",
     "ConfigError",
     "CorruptLogError",
     "InvalidArgument",
@@ -52,6 +53,11 @@ class TicketError(InvalidArgument):
 
 class QueueFull(KeylaneError):
     """The dispatcher holds ``capacity`` messages; complete some before pushing more."""
+
+
+class ConcurrentPushError(KeylaneError, RuntimeError):
+    """Two threads pushed to one partition at once; the later push changed
+    nothing. Push each partition from one thread (it never waits for another)."""
 
 
 class StoreError(KeylaneError, OSError):

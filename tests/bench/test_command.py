@@ -180,3 +180,32 @@ def test_every_option_has_help() -> None:
 
     undocumented = [p.name for p in command.params if not getattr(p, "help", None)]
     assert undocumented == []
+
+
+@pytest.mark.kafka
+def test_the_comparison_runs_on_a_real_kafka_broker(kafka_bootstrap: str, tmp_path: Path) -> None:
+    out = tmp_path / "k.json"
+    result = bench(
+        "--preset", "models", "--broker", f"kafka://{kafka_bootstrap}", "--models", "key,none",
+        "--keys", "10", "--latency", "1", "--distribution", "fixed", "-n", "600",
+        "--concurrency", "64", "--partitions", "4", "--json", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    key, none = cells(out)
+    assert key["broker"] == none["broker"] == f"kafka://{kafka_bootstrap}"
+    assert key["order_violations"] == 0
+    assert key["messages"] == none["messages"] == 600
+    assert key["throughput"] <= key["ideal_throughput"] * 1.02
+
+
+def test_repeat_reports_each_cells_median_run(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    result = bench(
+        "--preset", "models", "--models", "key", "--keys", "4", "--latency", "0.5",
+        "--distribution", "fixed", "-n", "200", "--repeat", "3", "--json", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (row,) = cells(out)
+    runs = row["round_throughputs"]
+    assert len(runs) == 3
+    assert row["throughput"] == sorted(runs)[1]

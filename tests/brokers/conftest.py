@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -13,16 +13,6 @@ import trio
 import keylane
 from keylane.brokers import Broker, Consumer, TopicPartition
 from tests import kafka_server
-
-
-@pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
-    """The address of the real broker (started if scripts/test did not)."""
-    address, started = kafka_server.start()
-    yield address
-    if started:
-        kafka_server.stop()
-
 
 # Short sessions so a killed member is noticed within seconds.
 KAFKA_CONFIG = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}

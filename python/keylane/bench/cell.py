@@ -69,6 +69,8 @@ class CellResult:
     published_s: float | None = None
     # Latency (produce → handled) at every percent, 0 to 100: for CDF plots.
     cdf_ms: list[float] = dataclasses.field(default_factory=list)
+    # With --repeat: every run's throughput (the cell is the median run).
+    round_throughputs: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def fraction(self) -> float | None:

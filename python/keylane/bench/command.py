@@ -144,6 +144,14 @@ def _choice(options: Sequence[str]) -> Callable[[str], str]:
 )
 @click.option("--seed", type=int, default=1, show_envvar=True, help="Seed of every draw.")
 @click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_envvar=True,
+    help="Model comparison: run every cell this many times, round by round, and report "
+    "each cell's median run.",
+)
+@click.option(
     "--rounds",
     type=click.IntRange(min=1),
     default=3,
@@ -231,6 +239,7 @@ class _Run:
         skew: float,
         messages: int | None,
         seed: int,
+        repeat: int,
         rounds: int,
         baseline: bool,
         gc_freeze: bool,
@@ -253,6 +262,7 @@ class _Run:
         self.skew = skew
         self.messages = messages
         self.seed = seed
+        self.repeat = repeat
         self.rounds = rounds
         self.baseline = baseline
         self.gc_freeze = gc_freeze
@@ -325,7 +335,9 @@ class _Run:
         target = self.target()
         self.echo(f"broker: {target.name}; {len(grid.specs())} cells")
         with table.progress(self.console) as bar:
-            comparison = suite.run(target, grid, preset=preset, progress=table.Stepper(bar))
+            comparison = suite.run(
+                target, grid, preset=preset, repeat=self.repeat, progress=table.Stepper(bar)
+            )
         table.show(self.console, comparison)
         self.rows += [c.as_json() for c in comparison.cells]
         for c in comparison.cells:

@@ -13,6 +13,7 @@ import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import trio
 
@@ -124,41 +125,63 @@ def run(
     grid: Grid,
     *,
     preset: str = "models",
+    repeat: int = 1,
     progress: Callable[[str, int, int], None] = lambda label, done, total: None,
     ceiling: bool = True,
 ) -> Comparison:
-    """Runs every cell of ``grid`` on ``target``; ``progress(label, done,
-    total)`` is called between cells, never while one is timed."""
+    """Runs every cell of ``grid`` on ``target``, ``repeat`` times (round by
+    round, so every cell sees the machine's slow and fast phases alike);
+    each cell reported is its run of median throughput. ``progress(label,
+    done, total)`` is called between runs, never while one is timed."""
     specs = grid.specs()
     workloads = list(dict.fromkeys((s.latency_ms, s.distribution) for s in specs))
-    total = len(specs) + (len(workloads) if ceiling else 0)
-    cells: list[CellResult] = []
-    ceilings: list[Ceiling] = []
+    bare_specs = [
+        CellSpec(
+            "none",
+            max(grid.keys),
+            latency,
+            dist,
+            grid.concurrency,
+            grid.partitions,
+            grid.messages,
+            grid.skew,
+            grid.seed,
+        )
+        for latency, dist in workloads
+        if ceiling and latency > 0
+    ]
+    total = (len(specs) + len(bare_specs)) * repeat
+    runs: list[list[CellResult]] = [[] for _ in specs]
+    bare_runs: list[list[Ceiling]] = [[] for _ in bare_specs]
     done = 0
-    for spec in specs:
-        progress(_label(spec), done, total)
-        cells.append(run_cell(target, spec, preset=preset))
-        done += 1
-    if ceiling:
-        for latency, dist in workloads:
-            if latency == 0:
-                continue
-            spec = CellSpec(
-                "none",
-                max(grid.keys),
-                latency,
-                dist,
-                grid.concurrency,
-                grid.partitions,
-                grid.messages,
-                grid.skew,
-                grid.seed,
+    for r in range(repeat):
+        note = f" (round {r + 1} of {repeat})" if repeat > 1 else ""
+        for i, spec in enumerate(specs):
+            progress(_label(spec) + note, done, total)
+            runs[i].append(run_cell(target, spec, preset=preset))
+            done += 1
+        for i, spec in enumerate(bare_specs):
+            progress(
+                f"bare Trio tasks, {spec.latency_ms:g} ms {spec.distribution}{note}", done, total
             )
-            progress(f"bare Trio tasks, {latency:g} ms {dist}", done, total)
-            ceilings.append(trio_ceiling(spec))
+            bare_runs[i].append(trio_ceiling(spec))
             done += 1
     progress("done", total, total)
-    return Comparison(cells, ceilings)
+    cells = []
+    for results in runs:
+        cell = _median(results, lambda c: c.throughput)
+        cell.round_throughputs = [c.throughput for c in results]
+        cells.append(cell)
+    return Comparison(cells, [_median(b, lambda c: c.throughput) for b in bare_runs])
+
+
+_T = TypeVar("_T")
+
+
+def _median(results: Sequence[_T], by: Callable[[_T], float]) -> _T:
+    """The result of median ``by`` (the lower middle one for an even count)."""
+    ordered = sorted(results, key=by)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _label(spec: CellSpec) -> str:

@@ -1,13 +1,23 @@
-//! push + pop + complete throughput of the dispatcher, 10,000 keys, for both
-//! lane storages, on one thread and on two (one feeding, one working).
+//! push + pop + complete throughput of the dispatcher, 10,000 keys, on one
+//! thread and on two (one feeding, one working): the shipped lock-free
+//! `Dispatcher` against the sharded, mutex-based design it replaced
+//! (`compare/sharded.rs`), alternating in one run.
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as A};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use keylane_core::dispatch::lockfree::{AtomicLane, LockFreeDispatcher, LockedLane};
 use keylane_core::dispatch::{Config, Dispatch, Dispatcher, Ordering, Prepared};
+
+// What the Python extension ships with (rust/py): both designs measured
+// under the same allocator.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[path = "compare/sharded.rs"]
+#[allow(dead_code)]
+mod sharded;
 
 const KEYS: u64 = 10_000;
 const PARTITIONS: i32 = 12;
@@ -117,9 +127,6 @@ fn two_threads<D: Dispatch<u64> + 'static>(iters: u64) -> Duration {
     start.elapsed()
 }
 
-type LockFreeLocked = LockFreeDispatcher<u64, LockedLane<u64>>;
-type LockFreeAtomic = LockFreeDispatcher<u64, AtomicLane<u64>>;
-
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("dispatch-10k-keys");
     g.throughput(Throughput::Elements(BATCH as u64));
@@ -128,18 +135,12 @@ fn bench(c: &mut Criterion) {
             "1-thread",
             [
                 single_thread::<Dispatcher<u64>> as fn(u64) -> Duration,
-                single_thread::<LockFreeLocked>,
-                single_thread::<LockFreeAtomic>,
+                single_thread::<sharded::Dispatcher<u64>>,
             ],
         ),
-        (
-            "2-threads",
-            [two_threads::<Dispatcher<u64>>, two_threads::<LockFreeLocked>, two_threads::<LockFreeAtomic>],
-        ),
+        ("2-threads", [two_threads::<Dispatcher<u64>>, two_threads::<sharded::Dispatcher<u64>>]),
     ] {
-        for (name, run) in
-            ["sharded (shipped)", "lockfree-locked-lanes", "lockfree-atomic-lanes"].into_iter().zip(f)
-        {
+        for (name, run) in ["lock-free (shipped)", "sharded mutexes (before)"].into_iter().zip(f) {
             g.bench_function(BenchmarkId::new(threads, name), |b| b.iter_custom(run));
         }
     }

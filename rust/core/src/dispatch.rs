@@ -2,21 +2,22 @@
 //! process now under the chosen ordering model, and tracks which offsets are
 //! safe to commit.
 //!
-//! Two implementations meet the [`Dispatch`] contract:
+//! [`Dispatcher`] (`dispatch/dispatcher.rs`) takes no lock on any hot path:
+//! lanes are atomic state machines (`lane.rs`) in a lock-free table
+//! (`lanes.rs`), completions are bitmap blocks per partition (`window.rs`,
+//! `partition.rs`). The mutex-based design it replaced is kept only as a
+//! measured comparison in `benches/compare/`.
 //!
-//! - [`Dispatcher`] (`sharded.rs`), the one keylane ships: lanes live in
-//!   shards, each shard's state is plain data behind one short lock, and
-//!   every batch call takes each lock it needs once, so the synchronization
-//!   cost is paid per batch, not per message.
-//! - [`lockfree::LockFreeDispatcher`], built from lock-free structures
-//!   (crossbeam `SegQueue`, `scc::HashIndex`, atomic lane states). It is kept
-//!   so the choice stays measured (`cargo bench --bench dispatch`) and is
-//!   held to the same tests.
-//!
-//! docs/design.md ("Dispatcher") argues the invariants and gives the figures.
+//! docs/design.md ("Dispatcher") argues the invariants and gives the figures;
+//! `scripts/loom` model-checks the lane hand-off and the watermark.
 
-pub mod lockfree;
-mod sharded;
+mod dispatcher;
+#[doc(hidden)]
+pub mod lane;
+mod lanes;
+mod partition;
+#[doc(hidden)]
+pub mod window;
 
 use std::fmt;
 use std::hash::BuildHasher;
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 
 use crossbeam_utils::CachePadded;
 
-pub use sharded::{Dispatcher, Receipt};
+pub use dispatcher::{Dispatcher, Receipt};
 
 use crate::{Error, Result};
 
@@ -294,21 +295,22 @@ pub trait Dispatch<T: Send>: Send + Sync + Sized {
 /// since none of them publishes data. `held` (queued + in flight, + any
 /// tombstones) bounds memory; `in_flight` bounds concurrency; both are
 /// reserved with a CAS loop so the bound is exact.
+#[doc(hidden)]
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) held: CachePadded<AtomicUsize>,
-    pub(crate) in_flight: CachePadded<AtomicUsize>,
-    pub(crate) queued: AtomicUsize,
-    pub(crate) pushed: AtomicU64,
-    pub(crate) completed: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) stale: AtomicU64,
-    pub(crate) revoked: AtomicU64,
+pub struct Counters {
+    pub held: CachePadded<AtomicUsize>,
+    pub in_flight: CachePadded<AtomicUsize>,
+    pub queued: AtomicUsize,
+    pub pushed: AtomicU64,
+    pub completed: AtomicU64,
+    pub retried: AtomicU64,
+    pub stale: AtomicU64,
+    pub revoked: AtomicU64,
 }
 
 impl Counters {
     /// Takes up to `want` units of `counter` under `limit`.
-    pub(crate) fn reserve(counter: &AtomicUsize, limit: usize, want: usize) -> usize {
+    pub fn reserve(counter: &AtomicUsize, limit: usize, want: usize) -> usize {
         let mut cur = counter.load(Relaxed);
         loop {
             let take = want.min(limit.saturating_sub(cur));
@@ -322,20 +324,20 @@ impl Counters {
         }
     }
 
-    pub(crate) fn queued(&self) -> usize {
+    pub fn queued(&self) -> usize {
         self.queued.load(Relaxed)
     }
 
-    pub(crate) fn in_flight(&self) -> usize {
+    pub fn in_flight(&self) -> usize {
         self.in_flight.load(Relaxed)
     }
 
-    pub(crate) fn free(&self, capacity: usize) -> usize {
+    pub fn free(&self, capacity: usize) -> usize {
         capacity.saturating_sub(self.held.load(Relaxed))
     }
 
     /// The counters as `Stats`; the caller fills in what it scans.
-    pub(crate) fn snapshot(&self, lanes: usize, max_lane_depth: usize) -> Stats {
+    pub fn snapshot(&self, lanes: usize, max_lane_depth: usize) -> Stats {
         let queued = self.queued();
         let in_flight = self.in_flight();
         Stats {
@@ -351,4 +353,37 @@ impl Counters {
             max_lane_depth,
         }
     }
+}
+
+/// The distinct values of `ids`, sorted. Partition numbers are small in
+/// practice, so a bitmap over 0..4096 marks them in O(1) each; anything else
+/// is sorted.
+#[doc(hidden)]
+pub fn distinct_sorted(ids: impl Iterator<Item = i32>) -> Vec<i32> {
+    const BITS: usize = 4096;
+    let mut small = [0u64; BITS / 64];
+    let mut other: Vec<i32> = Vec::new();
+    for id in ids {
+        match usize::try_from(id) {
+            Ok(i) if i < BITS => small[i / 64] |= 1 << (i % 64),
+            _ => other.push(id),
+        }
+    }
+    let mut out: Vec<i32> = Vec::new();
+    for (w, &word) in small.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            out.push((w * 64) as i32 + bits.trailing_zeros() as i32);
+            bits &= bits - 1;
+        }
+    }
+    if !other.is_empty() {
+        other.sort_unstable();
+        other.dedup();
+        // Negative ids sort before the bitmap's, large ones after.
+        let split = other.partition_point(|&id| id < 0);
+        out.splice(0..0, other[..split].iter().copied());
+        out.extend_from_slice(&other[split..]);
+    }
+    out
 }

@@ -25,6 +25,14 @@ pub enum Error {
          or create it with a larger capacity"
     )]
     QueueFull { capacity: usize },
+    /// Another push of the same partition was in progress (from another
+    /// thread); nothing of this batch was applied.
+    #[error(
+        "another push of partition {partition} was in progress on another thread; nothing of \
+         this batch was applied. A partition's messages come from one feeder at a time: push \
+         each partition from one thread (or serialize the pushes)"
+    )]
+    ConcurrentPush { partition: i32 },
     /// A ticket was given to a dispatcher that did not hand it out.
     #[error("this ticket was handed out by another dispatcher")]
     ForeignTicket,

@@ -5,6 +5,7 @@
 pub mod dispatch;
 pub mod error;
 pub mod partitioner;
+mod sync;
 pub mod versions;
 pub mod watermark;
 

@@ -11,6 +11,7 @@ import_exception!(keylane.errors, InvalidArgument);
 import_exception!(keylane.errors, InvalidType);
 import_exception!(keylane.errors, OffsetOrderError);
 import_exception!(keylane.errors, QueueFull);
+import_exception!(keylane.errors, ConcurrentPushError);
 import_exception!(keylane.errors, TicketError);
 import_exception!(keylane.errors, StoreError);
 import_exception!(keylane.errors, StoreFull);
@@ -50,6 +51,7 @@ impl From<Error> for PyErr {
                     CoreError::InvalidArgument(_) => InvalidArgument::new_err(msg),
                     CoreError::OffsetOrder { .. } => OffsetOrderError::new_err(msg),
                     CoreError::QueueFull { .. } => QueueFull::new_err(msg),
+                    CoreError::ConcurrentPush { .. } => ConcurrentPushError::new_err(msg),
                     CoreError::ForeignTicket => TicketError::new_err(msg),
                     CoreError::StoreFull { .. } => StoreFull::new_err(msg),
                     CoreError::StoreFormat(_) => StoreFormatError::new_err(msg),

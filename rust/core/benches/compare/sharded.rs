@@ -1,4 +1,6 @@
-//! The shipped dispatcher: sharded lanes, batch-amortized synchronization.
+//! The dispatcher keylane shipped before its lock-free one (issue #13):
+//! sharded lanes, batch-amortized synchronization behind mutexes. Kept here
+//! only as the measured comparison of `cargo bench --bench dispatch`.
 //!
 //! - Lanes are spread over [`SHARDS`] shards by their id. A shard's lanes,
 //!   its ready queue and its lane index are plain data behind one
@@ -26,12 +28,12 @@ use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 use scc::{Guard, HashIndex};
 
-use super::{
+use keylane_core::dispatch::{
     Accepted, Config, Counters, Dispatch, LaneHasher, LaneKey, Popped, Prepared, ReceiptInfo, Retried,
-    Revoked, Stats, Ticket,
+    Revoked, Stats, Ticket, distinct_sorted,
 };
-use crate::watermark::{OffsetWindow, check_next};
-use crate::{Error, Result};
+use keylane_core::watermark::{OffsetWindow, check_next};
+use keylane_core::{Error, Result};
 
 /// Number of lane shards (a power of two). Enough that two or three threads
 /// rarely meet on one shard, few enough that a batch touches each once.
@@ -195,7 +197,7 @@ impl ReceiptInfo for Receipt {
     }
 }
 
-/// The per-key dispatch queue keylane ships. See the module docs.
+/// The sharded, mutex-based dispatcher. See the module docs.
 pub struct Dispatcher<T> {
     config: Config,
     id: u64,
@@ -779,36 +781,4 @@ fn lock_all(parts: &[(i32, Arc<Partition>)]) -> Locked<'_> {
     }
     // `parts` is sorted by id: every caller locks in the same order.
     Locked { ids, table, guards: parts.iter().map(|(_, p)| p.state.lock()).collect() }
-}
-
-/// The distinct values of `ids`, sorted. Partition numbers are small in
-/// practice, so a bitmap over 0..4096 marks them in O(1) each; anything else
-/// is sorted.
-fn distinct_sorted(ids: impl Iterator<Item = i32>) -> Vec<i32> {
-    const BITS: usize = 4096;
-    let mut small = [0u64; BITS / 64];
-    let mut other: Vec<i32> = Vec::new();
-    for id in ids {
-        match usize::try_from(id) {
-            Ok(i) if i < BITS => small[i / 64] |= 1 << (i % 64),
-            _ => other.push(id),
-        }
-    }
-    let mut out: Vec<i32> = Vec::new();
-    for (w, &word) in small.iter().enumerate() {
-        let mut bits = word;
-        while bits != 0 {
-            out.push((w * 64) as i32 + bits.trailing_zeros() as i32);
-            bits &= bits - 1;
-        }
-    }
-    if !other.is_empty() {
-        other.sort_unstable();
-        other.dedup();
-        // Negative ids sort before the bitmap's, large ones after.
-        let split = other.partition_point(|&id| id < 0);
-        out.splice(0..0, other[..split].iter().copied());
-        out.extend_from_slice(&other[split..]);
-    }
-    out
 }

@@ -1,0 +1,337 @@
+//! The lane table: lane id → lane, without locks.
+//!
+//! A fixed array of bucket words. A word is empty (0), a lane's address
+//! (the usual case: one lane in the bucket, found in one step), or, tagged
+//! with the low bit, the address of an immutable snapshot listing the
+//! bucket's lanes. Reading is a load (and a scan of a snapshot). Adding a
+//! lane, or removing retired ones, builds the new word and swaps it in
+//! with one CAS; a CAS that loses to another thread's is retried on the
+//! newer word. So two pushers of a new key can never create two lanes for
+//! it: only one transition adds it, and the other pusher finds it on its
+//! retry.
+//!
+//! Snapshots and lanes are freed through crossbeam-epoch once no pinned
+//! thread can still be reading them. A lane leaves the table only after it
+//! was retired (idle, empty, no token anywhere), by the one CAS whose new
+//! word drops it; that thread frees it.
+//!
+//! Idle lanes are swept in passes over the table, only once it holds more
+//! lanes than `keep` (the dispatcher's capacity, at least 4,096): a working set of keys below that is never swept, and costs
+//! nothing. Above it, a pass runs once at least half as many lanes went
+//! idle as the table holds (so its cost, a look at every lane, is spread
+//! over at least that many idle transitions), by whichever thread trips
+//! the count; a thread that finds a pass running skips it. A pass retires
+//! idle lanes not pushed to since the pass before (a second chance), so a
+//! stream of ever-new keys cannot grow memory without bound.
+#![allow(unsafe_code)]
+
+use std::hash::BuildHasher;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+use crossbeam_epoch::Guard;
+
+use super::lane::Lane;
+
+const MIN_BUCKETS: usize = 1 << 10;
+const MAX_BUCKETS: usize = 1 << 16;
+/// Lanes kept without sweeping, at least.
+const KEEP_MIN: usize = 4096;
+/// Tag of a word pointing to a snapshot (lanes and snapshots are aligned
+/// to 8, so the low bit is free).
+const LIST: usize = 1;
+
+pub struct Lanes<E> {
+    buckets: Box<[AtomicUsize]>,
+    mask: usize,
+    hasher: foldhash::fast::FixedState,
+    live: AtomicUsize,
+    keep: usize,
+    idle_since_sweep: AtomicUsize,
+    sweeping: AtomicBool,
+    _lanes: std::marker::PhantomData<Box<Lane<E>>>,
+}
+
+// SAFETY: lanes are `Sync` for `E: Send`; the addresses in bucket words are
+// owned by the table and freed only as described in the module docs.
+unsafe impl<E: Send> Send for Lanes<E> {}
+unsafe impl<E: Send> Sync for Lanes<E> {}
+
+impl<E> std::fmt::Debug for Lanes<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lanes")
+            .field("buckets", &self.buckets.len())
+            .field("live", &self.live.load(Relaxed))
+            .finish()
+    }
+}
+
+/// What a bucket word holds, borrowed for as long as the caller's guard.
+enum Held<'g, E> {
+    One(&'g Lane<E>),
+    Many(&'g [*mut Lane<E>]),
+}
+
+impl<'g, E> Held<'g, E> {
+    /// # Safety
+    /// `word` was loaded from a bucket under a guard living for `'g`.
+    unsafe fn of(word: usize) -> Option<Self> {
+        if word == 0 {
+            None
+        } else if word & LIST == 0 {
+            // SAFETY: the caller's guarantee; lanes are freed through the epoch.
+            Some(Held::One(unsafe { &*(word as *const Lane<E>) }))
+        } else {
+            // SAFETY: as above; snapshots are never mutated.
+            Some(Held::Many(unsafe { &*((word & !LIST) as *const Vec<*mut Lane<E>>) }))
+        }
+    }
+
+    fn for_each(&self, mut f: impl FnMut(&'g Lane<E>)) {
+        match self {
+            Held::One(l) => f(l),
+            // SAFETY: lanes listed in a live snapshot are alive.
+            Held::Many(ls) => ls.iter().for_each(|&l| f(unsafe { &*l })),
+        }
+    }
+}
+
+impl<E> Lanes<E> {
+    /// A table for a dispatcher holding up to `capacity` messages.
+    pub fn new(capacity: usize) -> Self {
+        // Small enough to stay in cache; chains stay short because idle
+        // lanes are swept once there are many.
+        let n = (capacity / 8).next_power_of_two().clamp(MIN_BUCKETS, MAX_BUCKETS);
+        Lanes {
+            buckets: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            mask: n - 1,
+            hasher: foldhash::fast::FixedState::with_seed(0x6b65_796c_616e_6531),
+            live: AtomicUsize::new(0),
+            keep: capacity.max(KEEP_MIN),
+            idle_since_sweep: AtomicUsize::new(0),
+            sweeping: AtomicBool::new(false),
+            _lanes: std::marker::PhantomData,
+        }
+    }
+
+    #[inline]
+    fn bucket(&self, id: u64) -> &AtomicUsize {
+        // Lane ids of keys are hashes already, but partition lanes are small
+        // integers: mix before taking bits.
+        &self.buckets[self.hasher.hash_one(id) as usize & self.mask]
+    }
+
+    /// Starts loading the bucket of `id`, and, if `deep`, the lane it holds
+    /// (if its word is already cached): a batch prefetches ahead, so the
+    /// cache misses of many lookups overlap instead of queueing behind
+    /// each message's atomic operations.
+    #[inline]
+    pub fn prefetch(&self, id: u64, deep: bool) {
+        let slot = self.bucket(id);
+        if deep {
+            let word = slot.load(Relaxed);
+            if word != 0 && word & LIST == 0 {
+                prefetch_write(word as *const u8);
+            }
+        } else {
+            prefetch_write(std::ptr::from_ref(slot).cast());
+        }
+    }
+
+    /// Lanes in the table (retired ones not yet removed included).
+    pub fn len(&self) -> usize {
+        self.live.load(Relaxed)
+    }
+
+    /// The lane of `id`, created if it has none. Valid while `guard` is.
+    pub fn get<'g>(&self, id: u64, guard: &'g Guard) -> &'g Lane<E> {
+        let slot = self.bucket(id);
+        let mut fresh: Option<Box<Lane<E>>> = None;
+        loop {
+            let cur = slot.load(Acquire);
+            // SAFETY: loaded under `guard`.
+            let held = unsafe { Held::<E>::of(cur) };
+            let mut found = None;
+            if let Some(held) = &held {
+                held.for_each(|l| {
+                    if l.id == id && !l.is_retired() {
+                        found = Some(l);
+                    }
+                });
+            }
+            if let Some(l) = found {
+                return l;
+            }
+            let (mut keep, mut gone) = (Vec::new(), Vec::new());
+            if let Some(held) = &held {
+                held.for_each(|l| {
+                    let p = std::ptr::from_ref(l).cast_mut();
+                    if l.is_retired() { gone.push(p) } else { keep.push(p) }
+                });
+            }
+            let lane = Box::into_raw(fresh.take().unwrap_or_else(|| Box::new(Lane::new(id))));
+            keep.push(lane);
+            let new = word_of(&keep);
+            match slot.compare_exchange(cur, new, AcqRel, Acquire) {
+                Ok(_) => {
+                    self.live.fetch_add(1, Relaxed);
+                    // SAFETY: this CAS unlinked `cur` and the lanes in `gone`.
+                    unsafe { self.free(cur, &gone, guard) };
+                    // SAFETY: just published; freed only after being retired
+                    // and unlinked, which a later pinned thread must do.
+                    return unsafe { &*lane };
+                }
+                Err(_) => {
+                    // SAFETY: `new` and `lane` were never published.
+                    unsafe { drop_word_shell::<E>(new) };
+                    fresh = Some(unsafe { Box::from_raw(lane) });
+                }
+            }
+        }
+    }
+
+    /// Counts `n` lanes gone idle; runs a sweep when enough have.
+    pub fn went_idle(&self, n: usize, guard: &Guard) {
+        if n == 0 {
+            return;
+        }
+        let live = self.len();
+        if live <= self.keep {
+            return;
+        }
+        let idle = self.idle_since_sweep.fetch_add(n, Relaxed) + n;
+        if idle >= live / 2 && !self.sweeping.swap(true, Acquire) {
+            self.idle_since_sweep.store(0, Relaxed);
+            self.sweep(guard);
+            self.sweeping.store(false, Release);
+        }
+    }
+
+    fn sweep(&self, guard: &Guard) {
+        for slot in self.buckets.iter() {
+            let mut any = false;
+            // SAFETY: loaded under `guard`.
+            if let Some(held) = unsafe { Held::<E>::of(slot.load(Acquire)) } {
+                held.for_each(|l| {
+                    if l.is_idle() && !l.take_used() && l.try_retire() {
+                        any = true;
+                    }
+                });
+            }
+            if any {
+                self.remove_retired(slot, guard);
+            }
+        }
+    }
+
+    fn remove_retired(&self, slot: &AtomicUsize, guard: &Guard) {
+        loop {
+            let cur = slot.load(Acquire);
+            let (mut keep, mut gone) = (Vec::new(), Vec::new());
+            // SAFETY: loaded under `guard`.
+            if let Some(held) = unsafe { Held::<E>::of(cur) } {
+                held.for_each(|l| {
+                    let p = std::ptr::from_ref(l).cast_mut();
+                    if l.is_retired() { gone.push(p) } else { keep.push(p) }
+                });
+            }
+            if gone.is_empty() {
+                return;
+            }
+            let new = word_of(&keep);
+            match slot.compare_exchange(cur, new, AcqRel, Acquire) {
+                Ok(_) => {
+                    // SAFETY: this CAS unlinked `cur` and the lanes in `gone`.
+                    unsafe { self.free(cur, &gone, guard) };
+                    return;
+                }
+                // SAFETY: never published.
+                Err(_) => unsafe { drop_word_shell::<E>(new) },
+            }
+        }
+    }
+
+    /// # Safety
+    /// The caller's CAS just unlinked the word `old` and the lanes in `gone`.
+    unsafe fn free(&self, old: usize, gone: &[*mut Lane<E>], guard: &Guard) {
+        if old & LIST != 0 {
+            let list = SendPtr((old & !LIST) as *mut Vec<*mut Lane<E>>);
+            // SAFETY: unlinked; readers pinned before are waited for.
+            unsafe { guard.defer_unchecked(move || drop(Box::from_raw(list.into_inner()))) };
+        }
+        for &lane in gone {
+            self.live.fetch_sub(1, Relaxed);
+            let lane = SendPtr(lane);
+            // SAFETY: retired lanes hold no messages and no token; unlinked,
+            // so only threads pinned before can still read them.
+            unsafe { guard.defer_unchecked(move || drop(Box::from_raw(lane.into_inner()))) };
+        }
+    }
+
+    /// Visits every lane (for stats). Lanes may change meanwhile.
+    pub fn for_each(&self, guard: &Guard, mut f: impl FnMut(&Lane<E>)) {
+        let _ = guard;
+        for slot in self.buckets.iter() {
+            // SAFETY: loaded under `guard`.
+            if let Some(held) = unsafe { Held::<E>::of(slot.load(Acquire)) } {
+                held.for_each(&mut f);
+            }
+        }
+    }
+}
+
+impl<E> Drop for Lanes<E> {
+    fn drop(&mut self) {
+        for slot in self.buckets.iter() {
+            let word = slot.swap(0, Relaxed);
+            // SAFETY: `&mut self`: no other thread can reach the table; each
+            // lane is in exactly one word.
+            if let Some(held) = unsafe { Held::<E>::of(word) } {
+                held.for_each(|l| drop(unsafe { Box::from_raw(std::ptr::from_ref(l).cast_mut()) }));
+            }
+            // SAFETY: as above.
+            unsafe { drop_word_shell::<E>(word) };
+        }
+    }
+}
+
+/// The word for a bucket holding `lanes`.
+fn word_of<E>(lanes: &[*mut Lane<E>]) -> usize {
+    match lanes {
+        [] => 0,
+        [one] => *one as usize,
+        many => Box::into_raw(Box::new(many.to_vec())) as usize | LIST,
+    }
+}
+
+/// Frees the snapshot of a word (not the lanes in it), if it has one.
+///
+/// # Safety
+/// Nobody else can reach the snapshot.
+unsafe fn drop_word_shell<E>(word: usize) {
+    if word & LIST != 0 {
+        // SAFETY: the caller's guarantee.
+        drop(unsafe { Box::from_raw((word & !LIST) as *mut Vec<*mut Lane<E>>) });
+    }
+}
+
+/// A hint to the CPU; never dereferences.
+#[inline(always)]
+pub fn prefetch_write(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// A raw pointer moved into an epoch-deferred closure.
+struct SendPtr<T>(*mut T);
+
+impl<T> SendPtr<T> {
+    fn into_inner(self) -> *mut T {
+        self.0
+    }
+}

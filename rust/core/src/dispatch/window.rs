@@ -1,0 +1,297 @@
+//! One partition's completion tracking: which pushed messages are done, and
+//! so which offset is safe to commit — without locks.
+//!
+//! Pushed messages get consecutive sequence numbers. Their offsets sit in a
+//! chain of fixed-size blocks; per slot, two bits in a shared word: `DONE`
+//! (completed: counts for the watermark) and `RESOLVED` (nothing refers to
+//! the slot any more: completed, or dropped, or its ticket went stale). A
+//! completion sets both with one `fetch_or`, its last touch of the block.
+//!
+//! - One feeder appends (the partition's feeding claim makes it one): it
+//!   writes the offset, then publishes the slot by storing `filled`
+//!   (Release).
+//! - The watermark is read by scanning from the head block for the first
+//!   slot at or after `floor` not `DONE`: its offset; if every published
+//!   slot is done, the last offset + 1. Bits are only ever set and slots only
+//!   appended, so a later scan never returns less (until a revoke raises
+//!   `floor`, which forgets the partition's watermark on purpose).
+//! - A head block whose slots are all `RESOLVED` and that has a successor
+//!   is unlinked by a CAS on `head`; the CAS winner frees it (through
+//!   crossbeam-epoch in the dispatcher: scanners may still be reading it).
+//!   Until then the block is alive, so holders of unresolved slots (queued
+//!   entries, receipts) never need a reference count.
+#![allow(unsafe_code)]
+
+use std::ptr;
+
+use crossbeam_utils::CachePadded;
+
+use crate::sync::AtomicPtr;
+use crate::sync::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use crate::sync::{AtomicI64, AtomicU64, AtomicUsize, UnsafeCell};
+
+/// Slots per block (small under loom, so models cross block boundaries).
+#[cfg(not(loom))]
+pub const BLOCK: usize = 256;
+#[cfg(loom)]
+pub const BLOCK: usize = 2;
+const PER_WORD: usize = 32;
+const WORDS: usize = BLOCK.div_ceil(PER_WORD);
+const DONE: u64 = 1;
+const RESOLVED: u64 = 2;
+const BOTH: u64 = DONE | RESOLVED;
+
+/// Laid out so the feeder's per-message writes (`filled`, `offsets`), the
+/// completers' (`bits`) and what poppers read (`owner`) sit on different
+/// cache lines.
+#[derive(Debug)]
+#[repr(C)]
+pub struct Block {
+    /// What the slots belong to (the dispatcher's partition); opaque here.
+    owner: *const (),
+    /// Sequence number of slot 0.
+    base: u64,
+    next: AtomicPtr<Block>,
+    filled: CachePadded<AtomicUsize>,
+    offsets: [AtomicI64; BLOCK],
+    bits: CachePadded<[AtomicU64; WORDS]>,
+}
+
+impl Block {
+    fn new(owner: *const (), base: u64) -> *mut Block {
+        Box::into_raw(Box::new(Block {
+            owner,
+            base,
+            next: AtomicPtr::new(ptr::null_mut()),
+            filled: CachePadded::new(AtomicUsize::new(0)),
+            offsets: std::array::from_fn(|_| AtomicI64::new(0)),
+            bits: CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0))),
+        }))
+    }
+
+    /// Every slot of the block is filled and resolved.
+    fn resolved(&self) -> bool {
+        if self.filled.load(Acquire) != BLOCK {
+            return false;
+        }
+        self.bits.iter().enumerate().all(|(w, word)| {
+            let slots = (BLOCK - w * PER_WORD).min(PER_WORD);
+            let want = resolved_mask(slots);
+            word.load(Acquire) & want == want
+        })
+    }
+}
+
+/// The `RESOLVED` bits of the first `slots` slots of a word.
+fn resolved_mask(slots: usize) -> u64 {
+    let all = if slots == PER_WORD { u64::MAX } else { (1u64 << (2 * slots)) - 1 };
+    all & 0xAAAA_AAAA_AAAA_AAAA
+}
+
+/// A slot of a block: what a queued entry or a receipt holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub block: *const Block,
+    pub index: u32,
+}
+
+// SAFETY: a slot is an address into a block that stays alive until the slot
+// is resolved; resolving is an atomic `fetch_or`.
+unsafe impl Send for Slot {}
+unsafe impl Sync for Slot {}
+
+impl Slot {
+    /// Marks the message done (`done`) or only let go of; the holder must
+    /// not touch the block afterwards.
+    ///
+    /// # Safety
+    /// The slot is unresolved and held by the caller.
+    pub unsafe fn resolve(self, done: bool) {
+        let i = self.index as usize;
+        let bits = if done { BOTH } else { RESOLVED } << (2 * (i % PER_WORD));
+        // SAFETY: an unresolved slot's block is alive (see module docs).
+        unsafe { (&(*self.block).bits)[i / PER_WORD].fetch_or(bits, Release) };
+    }
+
+    /// The `owner` given to `append`.
+    ///
+    /// # Safety
+    /// The slot is unresolved and held by the caller.
+    pub unsafe fn owner(self) -> *const () {
+        // SAFETY: an unresolved slot's block is alive.
+        unsafe { (*self.block).owner }
+    }
+
+    /// # Safety
+    /// The slot is unresolved and held by the caller.
+    pub unsafe fn offset(self) -> i64 {
+        // SAFETY: as above.
+        unsafe { (*self.block).offsets[self.index as usize].load(Relaxed) }
+    }
+}
+
+#[derive(Debug)]
+struct Feed {
+    tail: *mut Block,
+    next_seq: u64,
+    last: Option<i64>,
+}
+
+#[derive(Debug)]
+pub struct Window {
+    head: AtomicPtr<Block>,
+    /// Slots below this sequence number are forgotten (a revoke).
+    floor: AtomicU64,
+    /// The feeder's state: touched only under the partition's feeding claim
+    /// (on its own cache line: it is written per message).
+    feed: CachePadded<UnsafeCell<Feed>>,
+}
+
+// SAFETY: `feed` is touched only by the holder of the feeding claim, which
+// is handed over with Release/Acquire; everything else is atomic.
+unsafe impl Send for Window {}
+unsafe impl Sync for Window {}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Window {
+    pub fn new() -> Self {
+        Window {
+            head: AtomicPtr::new(ptr::null_mut()),
+            floor: AtomicU64::new(0),
+            feed: CachePadded::new(UnsafeCell::new(Feed { tail: ptr::null_mut(), next_seq: 0, last: None })),
+        }
+    }
+
+    /// The last offset pushed since the last `forget`.
+    ///
+    /// # Safety
+    /// The caller holds the feeding claim.
+    pub unsafe fn last_pushed(&self) -> Option<i64> {
+        // SAFETY: the claim holder is the only one touching `feed`.
+        unsafe { self.feed.with_mut(|f| f.last) }
+    }
+
+    /// Appends `offset` (already checked to be above `last_pushed`); its
+    /// block records `owner` (the same on every call).
+    ///
+    /// # Safety
+    /// The caller holds the feeding claim.
+    pub unsafe fn append(&self, offset: i64, owner: *const ()) -> Slot {
+        // SAFETY: the claim holder is the only one touching `feed`; the tail
+        // block is alive (it has no successor, so it is never unlinked).
+        unsafe {
+            self.feed.with_mut(|f| {
+                if f.tail.is_null() {
+                    f.tail = Block::new(owner, 0);
+                    self.head.store(f.tail, Release);
+                }
+                let mut tail = &*f.tail;
+                let mut n = tail.filled.load(Relaxed);
+                if n == BLOCK {
+                    let next = Block::new(owner, tail.base + BLOCK as u64);
+                    tail.next.store(next, Release);
+                    f.tail = next;
+                    tail = &*next;
+                    n = 0;
+                }
+                tail.offsets[n].store(offset, Relaxed);
+                tail.filled.store(n + 1, Release);
+                f.next_seq += 1;
+                f.last = Some(offset);
+                Slot { block: tail, index: n as u32 }
+            })
+        }
+    }
+
+    /// Forgets the watermark: slots pushed so far no longer count, and any
+    /// offset may be pushed next. Slots still held resolve as usual.
+    ///
+    /// # Safety
+    /// The caller holds the feeding claim.
+    pub unsafe fn forget(&self) {
+        // SAFETY: the claim holder is the only one touching `feed`.
+        let next = unsafe {
+            self.feed.with_mut(|f| {
+                f.last = None;
+                f.next_seq
+            })
+        };
+        self.floor.store(next, Release);
+    }
+
+    /// The next offset safe to commit, `None` if nothing was pushed since
+    /// the last `forget`.
+    ///
+    /// # Safety
+    /// Blocks reachable from `head` stay alive for the call (the dispatcher
+    /// holds an epoch guard; loom models never free).
+    pub unsafe fn watermark(&self) -> Option<i64> {
+        let floor = self.floor.load(Acquire);
+        let mut last = None;
+        let mut p = self.head.load(Acquire);
+        while !p.is_null() {
+            // SAFETY: the caller keeps reachable blocks alive.
+            let b = unsafe { &*p };
+            let filled = b.filled.load(Acquire);
+            if b.base + filled as u64 > floor {
+                let from = floor.saturating_sub(b.base) as usize;
+                for i in from..filled {
+                    let bits = b.bits[i / PER_WORD].load(Acquire) >> (2 * (i % PER_WORD));
+                    let offset = b.offsets[i].load(Relaxed);
+                    if bits & DONE == 0 {
+                        return Some(offset);
+                    }
+                    last = Some(offset);
+                }
+            }
+            p = b.next.load(Acquire);
+        }
+        last.map(|o| o + 1)
+    }
+
+    /// Unlinks resolved blocks at the head (each with a successor) and hands
+    /// each to `free`, which must not free it while a scan may read it.
+    pub fn unlink_resolved(&self, mut free: impl FnMut(*mut Block)) {
+        loop {
+            let h = self.head.load(Acquire);
+            if h.is_null() {
+                return;
+            }
+            // SAFETY: the head is alive until unlinked, and only the CAS
+            // winner below unlinks it.
+            let b = unsafe { &*h };
+            let next = b.next.load(Acquire);
+            if next.is_null() || !b.resolved() {
+                return;
+            }
+            if self.head.compare_exchange(h, next, AcqRel, Acquire).is_ok() {
+                free(h);
+            }
+        }
+    }
+
+    /// Frees a block handed out by `unlink_resolved`.
+    ///
+    /// # Safety
+    /// No thread can still read it.
+    pub unsafe fn free_block(block: *mut Block) {
+        // SAFETY: the caller's guarantee.
+        drop(unsafe { Box::from_raw(block) });
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        let mut p = self.head.load(Relaxed);
+        while !p.is_null() {
+            // SAFETY: `&mut self`: the chain is ours alone now.
+            let b = unsafe { Box::from_raw(p) };
+            p = b.next.load(Relaxed);
+        }
+    }
+}
