@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import textwrap
 import threading
+import time
 from collections import defaultdict
 
 import pytest
+import trio
 
 import keylane
 from keylane import Dispatcher, Ticket
@@ -384,3 +387,39 @@ def test_python_threads_keep_per_key_order() -> None:
     for key, items in seen.items():
         assert items == sorted(items), f"{key!r} out of order"
     assert d.stats()["completed"] == n
+
+
+async def test_an_adapter_thread_may_push_while_the_trio_thread_pops() -> None:
+    # The path a broker adapter may take: push a fetched batch from its own
+    # worker thread (the GIL is released inside), while the runtime's
+    # thread pops and completes. One thread per partition at a time.
+    d = Dispatcher("key", capacity=5_000)
+    total = 20_000
+
+    def feed() -> None:
+        for start in range(0, total, 500):
+            batch = [(f"k{i % 97}".encode(), i % 4, i // 4, i) for i in range(start, start + 500)]
+            while batch:
+                room = d.free_capacity
+                if room == 0:
+                    time.sleep(0.0005)
+                    continue
+                batch = batch[d.push_many(batch[:room]) :]
+
+    seen: dict[bytes, int] = {}
+    handled = 0
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            n.start_soon(functools.partial(trio.to_thread.run_sync, feed))
+            while handled < total:
+                tickets = d.pop_ready(256)
+                if not tickets:
+                    await trio.sleep(0.0005)
+                    continue
+                for t in tickets:
+                    assert seen.get(t.key, -1) < t.item, "per-key order"
+                    seen[t.key] = t.item
+                d.complete_many(tickets)
+                handled += len(tickets)
+    assert d.queued == d.in_flight == 0
+    assert d.committable() == dict.fromkeys(range(4), total // 4)

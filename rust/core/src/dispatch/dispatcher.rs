@@ -29,7 +29,7 @@ use crossbeam_queue::SegQueue;
 use super::lane::{Lane, Pushed, Released};
 use super::lanes::{Lanes, prefetch_write};
 use super::partition::Partition;
-use super::window::{Slot, Window};
+use super::window::{BLOCK, Block, Slot, Window};
 use super::{
     Accepted, Config, Counters, Dispatch, LaneHasher, LaneKey, Popped, Prepared, ReceiptInfo, Retried,
     Revoked, Stats, Ticket, distinct_sorted,
@@ -45,19 +45,35 @@ const PREFETCH_NEAR: usize = 8;
 /// this value only loses its prefetch).
 const NO_LANE: u64 = u64::MAX;
 
-/// A queued message.
+/// A queued message: 32 bytes besides the caller's item size (16 in the
+/// Python binding), so a node in a lane's inbox is 40.
 struct Entry<T> {
     item: T,
-    slot: Slot,
-    generation: u32,
+    block: *const Block,
+    /// Generation (low 24 bits) << 8 | slot index in its block.
+    tag: u32,
     attempt: u32,
 }
 
+const _: () = assert!(BLOCK <= 256, "a slot index is stored in 8 bits");
+
 impl<T> Entry<T> {
+    fn new(item: T, slot: Slot, generation: u32, attempt: u32) -> Self {
+        Entry { item, block: slot.block, tag: (generation << 8) | slot.index, attempt }
+    }
+
+    fn slot(&self) -> Slot {
+        Slot { block: self.block, index: self.tag & 0xff }
+    }
+
+    fn generation(&self) -> u32 {
+        self.tag >> 8
+    }
+
     fn part(&self) -> &Partition {
         // SAFETY: a queued entry's slot is unresolved, so its block is alive,
         // and its owner is a partition, which lives as long as the dispatcher.
-        unsafe { &*self.slot.owner().cast::<Partition>() }
+        unsafe { &*self.slot().owner().cast::<Partition>() }
     }
 }
 
@@ -239,7 +255,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             let owner: *const Partition = Arc::as_ptr(part);
             // SAFETY: the claim is held.
             let slot = unsafe { part.window.append(p.offset, owner.cast()) };
-            let entry = Entry { item: p.item, slot, generation: generations[j], attempt: 0 };
+            let entry = Entry::new(p.item, slot, generations[j], 0);
             match p.lane {
                 LaneKey::Solo => self.solo.push(entry),
                 LaneKey::Lane(id) => self.push_to_lane(id, entry, &mut scheduled, &guard),
@@ -398,8 +414,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             return Ok(Retried::Stale(item));
         }
         self.counters.queued.fetch_add(1, Relaxed);
-        let entry =
-            Entry { item, slot: r.slot, generation: r.generation, attempt: r.attempt.saturating_add(1) };
+        let entry = Entry::new(item, r.slot, r.generation, r.attempt.saturating_add(1));
         match r.lane {
             Some(lane) => {
                 // SAFETY: the receipt carried the lane's token; it goes back
@@ -455,7 +470,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
 }
 
 /// A completion block's address, moved into an epoch-deferred free.
-struct BlockPtr(*mut super::window::Block);
+struct BlockPtr(*mut Block);
 
 /// The feeding claims of a batch's partitions, given back on drop.
 struct Claims<'a>(&'a [Arc<Partition>]);
@@ -637,25 +652,25 @@ impl<T: Send> Dispatcher<T> {
         let may_hand_out = out.tickets.len() < out.want;
         // The epoch first (see Partition::drop_queued).
         let epoch = part.epoch();
-        if may_hand_out && part.take_queued(e.generation) {
+        if may_hand_out && part.take_queued(e.generation()) {
             let receipt = Receipt {
                 owner: self.id,
                 lane,
-                slot: e.slot,
+                slot: e.slot(),
                 partition: part.id,
                 // SAFETY: unresolved.
-                offset: unsafe { e.slot.offset() },
+                offset: unsafe { e.slot().offset() },
                 epoch,
-                generation: e.generation,
+                generation: e.generation(),
                 attempt: e.attempt,
             };
             out.tickets.push(Ticket { item: e.item, receipt });
             return Took::Ticket;
         }
-        if part.generation() != e.generation {
+        if part.generation() != e.generation() {
             // A tombstone: its partition dropped it.
             // SAFETY: the entry's slot is unresolved; not touched after.
-            unsafe { e.slot.resolve(false) };
+            unsafe { e.slot().resolve(false) };
             out.discarded.push(e.item);
             return Took::Tombstone;
         }
@@ -714,5 +729,31 @@ impl<T> Drop for Dispatcher<T> {
         }
         // Lanes (and the entries in them) drop with `self.lanes`, the
         // unordered queue with `self.solo`.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::Ordering;
+
+    fn prep(d: &Dispatcher<u32>, key: &[u8], partition: i32, offset: i64) -> Prepared<u32> {
+        Prepared { lane: d.lane_of(Some(key), partition), partition, offset, item: offset as u32 }
+    }
+
+    #[test]
+    fn a_push_meeting_another_push_of_its_partition_changes_nothing() {
+        let d = Dispatcher::<u32>::new(Config { ordering: Ordering::Key, ..Config::default() }).unwrap();
+        d.push_many(vec![prep(&d, b"a", 0, 0)]).unwrap();
+        let guard = epoch::pin();
+        let p0 = d.partition(0, &guard);
+        // Another thread's push of partition 0, caught in the middle.
+        assert!(p0.claim_push());
+        let err = d.push_many(vec![prep(&d, b"b", 1, 0), prep(&d, b"a", 0, 1)]).unwrap_err();
+        assert_eq!(err, Error::ConcurrentPush { partition: 0 });
+        assert_eq!(d.queued(), 1, "nothing of the batch was applied, partition 1 included");
+        p0.unclaim();
+        assert_eq!(d.push_many(vec![prep(&d, b"b", 1, 0), prep(&d, b"a", 0, 1)]).unwrap().count, 2);
+        assert_eq!(d.queued(), 3);
     }
 }

@@ -30,6 +30,14 @@ const PUSHING: u8 = 1;
 const DROPPING: u8 = 2;
 const COUNT_BITS: u32 = 34;
 const COUNT: u64 = (1 << COUNT_BITS) - 1;
+/// Queued entries carry the low 24 bits of their generation: a drop is
+/// told apart from the one 16,777,216 drops later only if an entry waits
+/// through all of them.
+const GENERATION_MASK: u32 = (1 << 24) - 1;
+
+fn generation_of(state: u64) -> u32 {
+    (state >> COUNT_BITS) as u32 & GENERATION_MASK
+}
 
 #[derive(Debug)]
 pub struct Partition {
@@ -86,7 +94,7 @@ impl Partition {
 
     /// The current generation. Stable while the caller holds the claim.
     pub fn generation(&self) -> u32 {
-        (self.state.load(Acquire) >> COUNT_BITS) as u32
+        generation_of(self.state.load(Acquire))
     }
 
     /// Counts `n` entries of the current generation in (a push, under the
@@ -100,7 +108,7 @@ impl Partition {
     pub fn take_queued(&self, generation: u32) -> bool {
         self.state
             .fetch_update(AcqRel, Acquire, |s| {
-                ((s >> COUNT_BITS) as u32 == generation && s & COUNT > 0).then(|| s - 1)
+                (generation_of(s) == generation && s & COUNT > 0).then(|| s - 1)
             })
             .is_ok()
     }
@@ -108,9 +116,7 @@ impl Partition {
     /// Counts a retried entry of generation `generation` back in; false if
     /// that generation was dropped meanwhile (the entry is dropped too).
     pub fn requeue(&self, generation: u32) -> bool {
-        self.state
-            .fetch_update(AcqRel, Acquire, |s| ((s >> COUNT_BITS) as u32 == generation).then(|| s + 1))
-            .is_ok()
+        self.state.fetch_update(AcqRel, Acquire, |s| (generation_of(s) == generation).then(|| s + 1)).is_ok()
     }
 
     /// Drops every queued entry (they become tombstones); returns how many.
