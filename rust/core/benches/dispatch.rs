@@ -15,6 +15,9 @@ use keylane_core::dispatch::{Config, Dispatch, Dispatcher, Ordering, Prepared};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "compare/offset_window.rs"]
+#[allow(dead_code)]
+mod offset_window;
 #[path = "compare/sharded.rs"]
 #[allow(dead_code)]
 mod sharded;

@@ -1,4 +1,5 @@
-//! The commit watermark: keylane's segmented bitmap behind a mutex, against
+//! The commit watermark of the sharded design (a segmented bitmap behind a
+//! mutex, `compare/offset_window.rs`), against
 //! a lock-free alternative (a crossbeam skip list of outstanding offsets),
 //! on one thread and with two threads completing concurrently.
 use std::hint::black_box;
@@ -8,7 +9,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use crossbeam_skiplist::SkipSet;
-use keylane_core::watermark::OffsetWindow;
+#[path = "compare/offset_window.rs"]
+#[allow(dead_code)]
+mod offset_window;
+
+use offset_window::OffsetWindow;
 use parking_lot::Mutex;
 
 const WINDOW: i64 = 1024;

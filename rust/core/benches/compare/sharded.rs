@@ -32,7 +32,9 @@ use keylane_core::dispatch::{
     Accepted, Config, Counters, Dispatch, LaneHasher, LaneKey, Popped, Prepared, ReceiptInfo, Retried,
     Revoked, Stats, Ticket, distinct_sorted,
 };
-use keylane_core::watermark::{OffsetWindow, check_next};
+use keylane_core::watermark::check_next;
+
+use crate::offset_window::OffsetWindow;
 use keylane_core::{Error, Result};
 
 /// Number of lane shards (a power of two). Enough that two or three threads
