@@ -209,3 +209,18 @@ def test_repeat_reports_each_cells_median_run(tmp_path: Path) -> None:
     runs = row["round_throughputs"]
     assert len(runs) == 3
     assert row["throughput"] == sorted(runs)[1]
+
+
+def test_the_old_ordering_flag_compares_like_with_like(tmp_path: Path) -> None:
+    # `keylane bench --ordering total` once compared total order with a
+    # per-key naive runtime ("0.04x"); the baseline now runs total order too.
+    out = tmp_path / "o.json"
+    result = bench(
+        "--preset", "throughput", "--ordering", "total", "-n", "1500", "--rounds", "1",
+        "--json", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    keylane_row, naive_row = cells(out)
+    assert keylane_row["model"] == naive_row["model"] == "total"
+    # Both hand out one message at a time: neither is 20x the other.
+    assert 0.05 < keylane_row["speedup_over_naive"] < 20

@@ -93,6 +93,13 @@ def _choice(options: Sequence[str]) -> Callable[[str], str]:
     help="Ordering models to run [all four; throughput preset: key].",
 )
 @click.option(
+    "--ordering",
+    type=click.Choice(MODELS),
+    default=None,
+    hidden=True,
+    help="Same as --models with one model (kept for older scripts).",
+)
+@click.option(
     "--keys",
     type=CommaList(_positive_int, "N"),
     default=None,
@@ -231,6 +238,7 @@ class _Run:
         *,
         preset: str,
         models: tuple[str, ...] | None,
+        ordering: str | None,
         keys: tuple[int, ...] | None,
         latency: tuple[float, ...] | None,
         distribution: tuple[str, ...] | None,
@@ -253,7 +261,9 @@ class _Run:
         from rich.console import Console
 
         self.preset = preset
-        self.models = models
+        if ordering is not None and models is not None and models != (ordering,):
+            raise ConfigError("give --models or --ordering, not both")
+        self.models = models or ((ordering,) if ordering else None)
         self.keys = keys
         self.latency = latency
         self.distribution = distribution
