@@ -23,8 +23,8 @@
 
 use std::collections::VecDeque;
 
-use keylane_core::watermark::check_next;
 use keylane_core::Result;
+use keylane_core::watermark::check_next;
 
 /// A gap of at most this many 64-bit words (4,096 offsets) is stored as
 /// zero words; a longer one starts a new segment.
@@ -181,4 +181,3 @@ impl OffsetWindow {
             + self.segments.iter().map(|s| s.words.capacity() * 8).sum::<usize>()
     }
 }
-
