@@ -8,10 +8,10 @@ out of the cyclic GC's sight every 1,000 (``gc.freeze``), as the backlog
 runs do once: they are the in-process broker's, not the App's.
 
 Per model, the saturation throughput is measured first, then the load runs
-at 10%, 50% and 90% of it. Saturation is measured as the load is run: an open-loop producer at 1.5x a first estimate (taken
-with a standing backlog of 2,000 messages), counting what the App handled
-in two seconds — so the producer's own share of the loop is in it, as it
-is under load.
+at 10%, 50% and 90% of it. Saturation is measured as the load is run: an
+open-loop producer at 1.5x a first estimate (taken with a standing backlog
+of 2,000 messages), counting what the App handled in two seconds — so the
+producer's own share of the loop is in it, as it is under load.
 
 Reported per load: dispatch latency (fetched → handler start) and
 end-to-end latency (produced → handler end), p50/p99/p99.9.
