@@ -378,12 +378,14 @@ def test_keylane_bench_on_kafka_writes_both_sides(
     from keylane.cli import ENV_PREFIX, main
 
     out = tmp_path / "bench.json"
-    args = ["bench", "--broker", f"kafka://{kafka_bootstrap}", "-n", "3000", "--keys", "50"]
-    args += ["--partitions", "3", "--rounds", "1", "--json", str(out)]
+    args = ["bench", "--preset", "throughput", "--broker", f"kafka://{kafka_bootstrap}"]
+    args += ["-n", "3000", "--keys", "50", "--partitions", "3", "--rounds", "1"]
+    args += ["--json", str(out)]
     result = CliRunner().invoke(main, args, auto_envvar_prefix=ENV_PREFIX)
     assert result.exit_code == 0, result.output
     assert "the bare loop" in result.output
-    data = json.loads(out.read_text())
+    (data,) = json.loads(out.read_text())
+    assert data["preset"] == "throughput"
     assert len(data["keylane"]) == len(data["bare"]) == 1
     assert data["keylane"][0] > 0
     assert data["bare"][0] > 0

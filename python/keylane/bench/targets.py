@@ -62,8 +62,8 @@ def parse(url: str) -> Target:
 
         return kafka(parse_url(url))
     raise ConfigError(
-        f"broker must be memory or kafka://HOST:PORT, got {url!r} "
-        "(SQS FIFO and Redis Streams arrive with their adapters)"
+        f"broker must be memory or kafka://HOST:PORT (e.g. kafka://127.0.0.1:9092), "
+        f"got {url!r} (SQS FIFO and Redis Streams arrive with their adapters)"
     )
 
 

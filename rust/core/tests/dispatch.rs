@@ -577,3 +577,38 @@ fn retries_and_stale_completions_leave_in_flight() {
     assert!(!d.complete(b.receipt).unwrap(), "stale");
     assert_eq!(d.in_flight_of(&[0]), 0);
 }
+
+#[test]
+fn dropped_messages_hold_the_watermark_across_completion_blocks() {
+    // 600 messages on one partition (more than two 256-slot completion
+    // blocks), a key each: the first 100 in flight, the rest dropped. Once
+    // the tombstones are passed over and the 100 complete, whole blocks are
+    // resolved — and the watermark must still stop at the first dropped
+    // offset, not jump past the dropped messages with the freed blocks.
+    let d: Dispatcher<Item> = make(Ordering::Key, 10_000, 10_000);
+    for o in 0..600 {
+        push(&d, Some(&format!("k{o}")), 0, o);
+    }
+    let ts = pop(&d, 100);
+    assert_eq!(offsets(&ts), (0..100).collect::<Vec<_>>());
+    assert_eq!(d.drop_queued(&[0]).count, 500);
+    let mut discarded = 0;
+    for _ in 0..100 {
+        let popped = d.pop_ready(1_000);
+        assert!(popped.tickets.is_empty());
+        discarded += popped.discarded.len();
+        if discarded == 500 {
+            break;
+        }
+    }
+    assert_eq!(discarded, 500);
+    complete_all(&d, ts);
+    assert_eq!(d.committable(), vec![(0, 100)]);
+    assert_eq!(d.committable(), vec![(0, 100)], "and again, after the blocks were looked at");
+    // A revoke forgets them; pushing again starts a new watermark.
+    d.revoke(&[0]);
+    push(&d, Some("k"), 0, 100);
+    let again = pop(&d, 10);
+    complete_all(&d, again);
+    assert_eq!(d.committable(), vec![(0, 101)]);
+}

@@ -227,3 +227,33 @@ fn watermark_never_moves_back_nor_passes_an_unfinished_offset() {
         assert_eq!(freed, 1, "the full, resolved first block");
     });
 }
+
+/// A slot let go of without being done (a dropped message) holds the
+/// watermark, even once its block is full and resolved and another block
+/// follows: unlinking never frees the block that still decides it.
+#[test]
+fn a_dropped_slot_holds_the_watermark_while_blocks_are_unlinked() {
+    model(|| {
+        let w = Arc::new(Window::new());
+        let owner = std::ptr::null::<()>();
+        // SAFETY (append): this thread is the only feeder.
+        let s = unsafe { [w.append(10, owner), w.append(11, owner), w.append(12, owner)] };
+        let t = {
+            let w = Arc::clone(&w);
+            thread::spawn(move || {
+                // SAFETY: each slot is resolved once.
+                unsafe { s[1].resolve(true) };
+                w.unlink_resolved(|_| panic!("the first block is still needed"));
+            })
+        };
+        // SAFETY: as above; the dropped one is let go of, not done.
+        unsafe {
+            s[0].resolve(false);
+            s[2].resolve(true);
+        }
+        w.unlink_resolved(|_| panic!("the first block is still needed"));
+        t.join().unwrap();
+        // SAFETY: this model never frees a block.
+        assert_eq!(unsafe { w.watermark() }, Some(10));
+    });
+}

@@ -69,24 +69,34 @@ impl Block {
         }))
     }
 
-    /// Every slot of the block is filled and resolved.
-    fn resolved(&self) -> bool {
+    /// Nothing can need the block any more: every slot is filled and
+    /// resolved, and every slot at or after `floor` is done. (A slot
+    /// resolved without being done — a dropped message — holds the
+    /// watermark until a revoke raises the floor past it.)
+    fn passed(&self, floor: u64) -> bool {
         if self.filled.load(Acquire) != BLOCK {
             return false;
         }
+        let kept_from = floor.saturating_sub(self.base).min(BLOCK as u64) as usize;
         self.bits.iter().enumerate().all(|(w, word)| {
-            let slots = (BLOCK - w * PER_WORD).min(PER_WORD);
-            let want = resolved_mask(slots);
+            let first = w * PER_WORD;
+            let slots = (BLOCK - first).min(PER_WORD);
+            // Slots of this word at or after the floor must be done too.
+            let kept = slots.saturating_sub(kept_from.saturating_sub(first));
+            let done = slot_bits(slots) & !slot_bits(slots - kept) & DONE_BITS;
+            let want = (slot_bits(slots) & RESOLVED_BITS) | done;
             word.load(Acquire) & want == want
         })
     }
 }
 
-/// The `RESOLVED` bits of the first `slots` slots of a word.
-fn resolved_mask(slots: usize) -> u64 {
-    let all = if slots == PER_WORD { u64::MAX } else { (1u64 << (2 * slots)) - 1 };
-    all & 0xAAAA_AAAA_AAAA_AAAA
+/// The two bits of each of the first `slots` slots of a word.
+fn slot_bits(slots: usize) -> u64 {
+    if slots == PER_WORD { u64::MAX } else { (1u64 << (2 * slots)) - 1 }
 }
+
+const DONE_BITS: u64 = 0x5555_5555_5555_5555;
+const RESOLVED_BITS: u64 = 0xAAAA_AAAA_AAAA_AAAA;
 
 /// A slot of a block: what a queued entry or a receipt holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,7 +264,7 @@ impl Window {
         last.map(|o| o + 1)
     }
 
-    /// Unlinks resolved blocks at the head (each with a successor) and hands
+    /// Unlinks passed blocks at the head (each with a successor) and hands
     /// each to `free`, which must not free it while a scan may read it.
     pub fn unlink_resolved(&self, mut free: impl FnMut(*mut Block)) {
         loop {
@@ -266,7 +276,7 @@ impl Window {
             // winner below unlinks it.
             let b = unsafe { &*h };
             let next = b.next.load(Acquire);
-            if next.is_null() || !b.resolved() {
+            if next.is_null() || !b.passed(self.floor.load(Acquire)) {
                 return;
             }
             if self.head.compare_exchange(h, next, AcqRel, Acquire).is_ok() {
