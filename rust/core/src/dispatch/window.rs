@@ -15,8 +15,10 @@
 //!   slot is done, the last offset + 1. Bits are only ever set and slots only
 //!   appended, so a later scan never returns less (until a revoke raises
 //!   `floor`, which forgets the partition's watermark on purpose).
-//! - A head block whose slots are all `RESOLVED` and that has a successor
-//!   is unlinked by a CAS on `head`; the CAS winner frees it (through
+//! - A head block that has a successor, whose slots are all `RESOLVED` and
+//!   whose slots at or after `floor` are all `DONE` (a dropped message's
+//!   slot is resolved, not done: it holds the watermark) is unlinked by a
+//!   CAS on `head`; the CAS winner frees it (through
 //!   crossbeam-epoch in the dispatcher: scanners may still be reading it).
 //!   Until then the block is alive, so holders of unresolved slots (queued
 //!   entries, receipts) never need a reference count.
