@@ -293,6 +293,10 @@ class _Run:
         from keylane.bench import report
 
         self.echo(f"keylane bench --preset {self.preset}; machine: {report.machine()}")
+        if self.plot_dir is not None:
+            from keylane.bench import plots
+
+            plots.check_available()  # before the run, not after it
         if self.preset in ("default", "models"):
             self.models_preset()
         if self.preset in ("default", "throughput"):
@@ -351,9 +355,10 @@ class _Run:
         table.show(self.console, comparison)
         self.rows += [c.as_json() for c in comparison.cells]
         for c in comparison.cells:
-            if c.model != "none" and c.order_violations:
+            if c.model != "none" and (c.order_violations or c.key_overlaps):
                 self.failed.append(
-                    f"order violated: {c.model} order, {c.keys} keys: {c.order_violations}"
+                    f"order violated: {c.model} order, {c.keys} keys: {c.order_violations} "
+                    f"messages finished out of order, {c.key_overlaps} ran beside their key"
                 )
         return comparison
 

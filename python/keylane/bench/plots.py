@@ -28,6 +28,11 @@ def _pyplot() -> Any:
     return plt
 
 
+def check_available() -> None:
+    """Raises ``ConfigError`` now if matplotlib is missing."""
+    _pyplot()
+
+
 def _slug(latency_ms: float, distribution: str) -> str:
     return f"{latency_ms:g}ms-{distribution}".replace(".", "_")
 
