@@ -223,3 +223,54 @@ def test_dlq_replay_command(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert result.returncode == 0, result.stderr
     # 400 values, those ending in 7 failed: 40 dead letters.
     assert result.stdout.strip() == "replayed 40 dead letters from jobs.dlq"
+
+
+NODLQ_SERVICE = textwrap.dedent(
+    """
+    import keylane
+
+    broker = keylane.MemoryBroker(partitions=2)
+    for i in range(30):
+        broker.produce("jobs", key=f"k{i % 3}", value=str(i))
+    app = keylane.App(broker, topics=["jobs"], group="g")
+    seen = []
+
+    @app.handler
+    async def handle(msg):
+        seen.append(msg.value)
+
+    nohandler = keylane.App(broker, topics=["jobs"], group="g2")
+    """
+)
+
+
+def test_run_takes_a_file_path_and_until_idle_returns(  # type: ignore[no-untyped-def]
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "svc_file.py").write_text(NODLQ_SERVICE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    result = invoke(["run", "./svc_file.py:app", "--until-idle", "--log-level", "warning"])
+    assert result.exit_code == 0, result.output
+    svc = sys.modules.pop("svc_file")
+    assert len(svc.seen) == 30
+    assert svc.app.stats()["handled"] == 30
+
+
+def test_keylane_errors_are_one_line_and_debug_shows_the_traceback(  # type: ignore[no-untyped-def]
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "svc_errors.py").write_text(NODLQ_SERVICE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    result = invoke(["run", "svc_errors.py:nohandler"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [
+        "Error: ConfigError: no handler: decorate an async function with @app.handler first"
+    ]
+    debug = invoke(["--debug", "run", "svc_errors.py:nohandler"])
+    assert isinstance(debug.exception, keylane.ConfigError)
+    sys.modules.pop("svc_errors", None)
+    missing = invoke(["run", "./nowhere.py:app"])
+    assert missing.exit_code == 2
+    assert "nowhere.py is not a .py file" in missing.output

@@ -7,6 +7,7 @@ Every option can also come from the environment: ``KEYLANE_<COMMAND>_<OPTION>``
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.machinery
 import logging
@@ -14,6 +15,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
@@ -24,10 +26,30 @@ from keylane.bench.command import bench
 ENV_PREFIX = "KEYLANE"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Group(click.Group):
+    """Turns a ``KeylaneError`` into a one-line error (exit status 1)
+    unless ``--debug`` asks for the traceback; click's own usage errors keep
+    status 2, and anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except keylane.KeylaneError as e:
+            if ctx.meta.get("keylane.debug"):
+                raise
+            raise click.ClickException(f"{type(e).__name__}: {e}") from None
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.version_option(keylane.__version__, prog_name="keylane")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of keylane errors too.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """keylane: parallel consumption with per-key order."""
+    ctx.meta["keylane.debug"] = debug
 
 
 def _stdin_keys() -> Iterator[bytes]:
@@ -165,12 +187,21 @@ def load_app(target: str, app_dir: str | os.PathLike[str] = ".") -> keylane.App:
     ``sys.path`` (uvicorn's ``--app-dir`` convention). A module in that
     directory that would hide an installed one (a stray
     ``prometheus_client.py``) is refused rather than imported in its place."""
-    module_name, sep, attr = target.partition(":")
+    module_name, sep, attr = target.rpartition(":")
     if not sep or not module_name or not attr:
-        raise click.BadParameter(f"{target!r} is not module:attribute (for example service:app)")
+        raise click.BadParameter(
+            f"{target!r} is not module:attribute or path/to/file.py:attribute "
+            "(for example service:app or ./service.py:app)"
+        )
     directory = Path(app_dir).resolve()
     if not directory.is_dir():
         raise click.BadParameter(f"--app-dir {app_dir} is not a directory")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        # A file: its directory goes first on sys.path, its stem is the module.
+        file = (directory / module_name).resolve()
+        if not file.is_file() or file.suffix != ".py":
+            raise click.BadParameter(f"{module_name} is not a .py file")
+        directory, module_name = file.parent, file.stem
     _refuse_shadowing(directory, module_name.partition(".")[0])
     if str(directory) not in sys.path:
         sys.path.insert(0, str(directory))
@@ -228,13 +259,20 @@ def _refuse_shadowing(directory: Path, own: str) -> None:
     show_envvar=True,
     help="Level of keylane's (and the root) logger.",
 )
-def run_command(target: str, app_dir: str, log_level: str) -> None:
-    """Runs the keylane.App at TARGET (module:attribute) until SIGINT or
-    SIGTERM: the first stops it gracefully (running handlers finish, offsets
-    are committed), a second forces it."""
+@click.option(
+    "--until-idle",
+    is_flag=True,
+    help="Return (status 0) once everything produced so far is handled and committed: "
+    "for batch jobs and tests.",
+)
+def run_command(target: str, app_dir: str, log_level: str, until_idle: bool) -> None:
+    """Runs the keylane.App at TARGET (module:attribute, or
+    path/to/file.py:attribute) until SIGINT or SIGTERM: the first stops it
+    gracefully (running handlers finish, offsets are committed), a second
+    forces it."""
     _setup_logging(log_level.upper())
     app = load_app(target, app_dir)
-    trio.run(app.run)
+    trio.run(functools.partial(app.run, until_idle=until_idle))
 
 
 @main.group()
