@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import pathlib
 import random
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -717,3 +718,12 @@ async def test_a_handler_failing_after_it_suspended_is_retried(
     await app.run(until_idle=True)
     assert attempts == [0, 1, 2]
     assert app.stats()["handled"] == 1
+
+
+def test_unordered_with_versions_warns(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    broker = keylane.MemoryBroker(partitions=2)
+    with pytest.warns(keylane.UnorderedVersionsWarning, match="last writer wins"):
+        keylane.App(broker, topics=["t"], group="g", ordering="none", versions=tmp_path / "v")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keylane.App(broker, topics=["t"], group="g", ordering="key", versions=tmp_path / "v")

@@ -19,7 +19,7 @@ from keylane._native import (
     partitions_for_keys,
     repartition_moves,
 )
-from keylane.app import App
+from keylane.app import App, UnorderedVersionsWarning
 from keylane.brokers import Faults, MemoryBroker, TopicPartition
 from keylane.errors import (
     BrokerError,
@@ -70,6 +70,7 @@ __all__ = [
     "TicketError",
     "TopicPartition",
     "UnknownTopic",
+    "UnorderedVersionsWarning",
     "VersionBatch",
     "VersionItems",
     "VersionTable",

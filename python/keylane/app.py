@@ -16,6 +16,7 @@ import inspect
 import math
 import os
 import sys
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
@@ -35,6 +36,11 @@ from keylane.metrics import Metrics, Prometheus
 from keylane.retry import RetryPolicy
 
 Handler = Callable[[Message], Awaitable[None]]
+
+
+class UnorderedVersionsWarning(UserWarning):
+    """An App runs unordered with a version table (see ``App``)."""
+
 
 ORDERINGS = ("total", "partition", "key", "none")
 DEFAULT_DEDUPE_WINDOW = 7 * 24 * 3600.0
@@ -84,7 +90,10 @@ class App:
       (acknowledge it, log an error, count it).
     - ``versions``: a ``VersionTable`` or a path to one. With it, a message
       whose version is not newer than the applied one for its key is
-      acknowledged without running the handler.
+      acknowledged without running the handler. With ``ordering="none"``
+      this warns (``UnorderedVersionsWarning``): a later version may be
+      applied first and the earlier one then dropped as stale — right for
+      handlers that store a whole state, wrong for ones that apply changes.
     - ``version_of``: message → int or None (default: the ``version``
       header; None means "no version, always handle").
     - ``record_versions``: ``"batched"`` (default) writes versions and ids
@@ -196,6 +205,19 @@ class App:
         if (version_of is not None or id_of is not None) and versions is None:
             raise ConfigError("version_of/id_of need versions= (a VersionTable or a path)")
         self._version_of = (version_of or _guard.version_header) if versions is not None else None
+        if ordering == "none" and versions is not None:
+            # Not refused: with whole-state handlers (last writer wins) a
+            # later version applied first and the earlier one then dropped as
+            # stale is the right end state. With handlers that apply deltas
+            # it is not, and nothing else would say so.
+            warnings.warn(
+                'ordering="none" with versions=: messages of one key run concurrently, so a '
+                "later version can be applied before an earlier one, which is then dropped as "
+                "stale. Right for handlers that store a whole state (last writer wins); wrong "
+                'for handlers that apply changes, which need ordering="key".',
+                UnorderedVersionsWarning,
+                stacklevel=2,
+            )
         self._id_of = (id_of or _guard.id_header) if dedupe_on else None
         if metrics is None or isinstance(metrics, Prometheus):
             self._metrics_sink = metrics
