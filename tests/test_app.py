@@ -129,6 +129,8 @@ async def test_crash_and_restart_loses_nothing_and_applies_nothing_twice(
         first.abort()  # no final commit, no leaving the group
     committed = sum(broker.committed("wallet").values())
     assert 0 < committed < 600
+    marks = {tp.partition: o for tp, o in broker.committed("wallet").items()}
+    handled_not_committed = {(p, o) for p, o in handled if o >= marks.get(p, 0)}
     with keylane.VersionTable(tmp_path / "v") as table:
         recorded = {key: table.get(key) for key in applied}
     before_crash = {key: list(v) for key, v in applied.items()}
@@ -146,7 +148,8 @@ async def test_crash_and_restart_loses_nothing_and_applies_nothing_twice(
     assert second.stats()["consumed"] >= 600 - committed
     if record_versions == "each":
         # Handled but not committed when it died: redelivered, and stale.
-        assert second.stats()["stale_dropped"] > 0
+        # (How many depends on where the crash fell between two commits.)
+        assert second.stats()["stale_dropped"] >= len(handled_not_committed)
     for key, versions in applied.items():
         again = versions[len(before_crash.get(key, [])) :]
         if record_versions == "each":
