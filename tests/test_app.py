@@ -730,3 +730,20 @@ def test_unordered_with_versions_warns(tmp_path) -> None:  # type: ignore[no-unt
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         keylane.App(broker, topics=["t"], group="g", ordering="key", versions=tmp_path / "v")
+
+
+async def test_a_partial_of_an_async_function_is_a_handler(autojump_clock: trio.abc.Clock) -> None:
+    broker = MemoryBroker(partitions=2)
+    produce_many(broker, "payments", 20, keys=4)
+    seen: list[tuple[str, int]] = []
+
+    async def handle(tag: str, msg: Message) -> None:
+        seen.append((tag, msg.offset))
+
+    app = make_app(broker)
+    app.handler(functools.partial(handle, "wallet"))
+    await app.run(until_idle=True)
+    assert len(seen) == 20
+    assert {tag for tag, _ in seen} == {"wallet"}
+    with pytest.raises(keylane.InvalidType, match="async function"):
+        make_app(broker).handler(functools.partial(print, "sync"))  # type: ignore[arg-type]

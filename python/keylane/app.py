@@ -233,12 +233,17 @@ class App:
         self._run: Run | None = None
 
     def handler(self, fn: Handler) -> Handler:
-        """Registers the message handler, an ``async def`` taking a Message."""
+        """Registers the message handler, an ``async def`` taking a Message
+        (or a ``functools.partial`` of one, or an object whose ``__call__``
+        is one)."""
         if self._handler is not None:
             raise ConfigError("this App already has a handler")
-        # An async def, or an object whose __call__ is one.
-        call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__call__
-        if not inspect.iscoroutinefunction(call):
+        # An async def (a functools.partial of one too: inspect unwraps
+        # partials), or an object whose __call__ is one.
+        if not (
+            inspect.iscoroutinefunction(fn)
+            or (callable(fn) and inspect.iscoroutinefunction(type(fn).__call__))
+        ):
             name = getattr(fn, "__name__", repr(fn))
             raise InvalidType(f"the handler must be an async function (async def), got {name}")
         self._handler = fn
