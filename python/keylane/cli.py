@@ -200,7 +200,10 @@ def load_app(target: str, app_dir: str | os.PathLike[str] = ".") -> keylane.App:
         # A file: its directory goes first on sys.path, its stem is the module.
         file = (directory / module_name).resolve()
         if not file.is_file() or file.suffix != ".py":
-            raise click.BadParameter(f"{module_name} is not a .py file")
+            raise click.BadParameter(
+                f"{module_name} is not a .py file (looked for {file}; a relative path is "
+                "taken from --app-dir, the current directory by default)"
+            )
         directory, module_name = file.parent, file.stem
     _refuse_shadowing(directory, module_name.partition(".")[0])
     if str(directory) not in sys.path:

@@ -20,7 +20,7 @@ def _msg(key: int, seq: int, offset: int) -> Message:
 
 
 async def test_the_order_checker_counts_messages_finishing_behind_a_later_one() -> None:
-    probe = cell.Probe(keys=2, messages=5)
+    probe = cell.Probe(keys=2)
     for key, seq, offset in [(0, 0, 0), (0, 2, 1), (0, 1, 2), (1, 0, 3), (0, 3, 4)]:
         await probe.handle(_msg(key, seq, offset))
     assert probe.violations == 1  # key 0's seq 1 ended after its seq 2
@@ -29,7 +29,7 @@ async def test_the_order_checker_counts_messages_finishing_behind_a_later_one() 
 
 
 async def test_the_overlap_checker_sees_one_key_running_twice() -> None:
-    probe = cell.Probe(keys=1, messages=2)
+    probe = cell.Probe(keys=1)
     slow = struct.pack("<IIdd", 0, 0, 0.01, 0.0)
     async with trio.open_nursery() as n:
         n.start_soon(probe.handle, Message("t", 0, 0, b"k", slow, {}, 0.0))

@@ -106,7 +106,7 @@ def rss_mb() -> float:
 class Probe:
     """The instrumented handler and what it measured."""
 
-    def __init__(self, keys: int, messages: int) -> None:
+    def __init__(self, keys: int) -> None:
         self.fetched: dict[tuple[int, int], float] = {}
         self.first: float | None = None
         self.latencies: list[float] = []
@@ -168,7 +168,7 @@ def run_cell(target: Target, spec: CellSpec, *, preset: str = "models") -> CellR
     """Runs one cell; raises ``RuntimeError`` if any message was not handled."""
     work = draw(spec)
     broker, topic = produce(target, spec, work)
-    probe = Probe(spec.keys, spec.messages)
+    probe = Probe(spec.keys)
     app = App(
         Stamped(broker, probe.fetched),
         topics=[topic],

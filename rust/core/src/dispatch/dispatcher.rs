@@ -27,7 +27,7 @@ use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned};
 use crossbeam_queue::SegQueue;
 
 use super::lane::{Lane, Pushed, Released};
-use super::lanes::{Lanes, prefetch_write};
+use super::lanes::Lanes;
 use super::partition::Partition;
 use super::window::{BLOCK, Block, Slot, Window};
 use super::{
@@ -38,12 +38,6 @@ use crate::watermark::check_next;
 use crate::{Error, Result};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-/// How far ahead a batch prefetches buckets, and the lanes they point to.
-const PREFETCH_FAR: usize = 16;
-const PREFETCH_NEAR: usize = 8;
-/// Stands for "no lane" among a batch's lane ids (a key hash of exactly
-/// this value only loses its prefetch).
-const NO_LANE: u64 = u64::MAX;
 
 /// A queued message: 32 bytes besides the caller's item size (16 in the
 /// Python binding), so a node in a lane's inbox is 40.
@@ -226,30 +220,8 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         self.counters.queued.fetch_add(count, Relaxed);
         let generations: Vec<u32> = parts.iter().map(|p| p.generation()).collect();
         let mut scheduled = Vec::new();
-        let lane_ids: Vec<u64> = batch[..count]
-            .iter()
-            .map(|p| match p.lane {
-                LaneKey::Lane(id) => id,
-                LaneKey::Solo => NO_LANE,
-            })
-            .collect();
-        let ahead = |i: usize, deep: bool| {
-            if let Some(&id) = lane_ids.get(i)
-                && id != NO_LANE
-            {
-                self.lanes.prefetch(id, deep);
-            }
-        };
-        for i in 0..PREFETCH_FAR.min(count) {
-            ahead(i, false);
-        }
-        for i in 0..PREFETCH_NEAR.min(count) {
-            ahead(i, true);
-        }
         let mut rest = batch.into_iter();
-        for (i, p) in rest.by_ref().take(count).enumerate() {
-            ahead(i + PREFETCH_FAR, false);
-            ahead(i + PREFETCH_NEAR, true);
+        for p in rest.by_ref().take(count) {
             let j = slot_of(p.partition);
             let part = &parts[j];
             let owner: *const Partition = Arc::as_ptr(part);
@@ -276,6 +248,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             discarded: Vec::new(),
             idle: 0,
             again: Vec::new(),
+            in_flight: Tally::default(),
         };
         // Dropped messages wait as tombstones until reached; with nothing to
         // hand out, still clear some, so their room comes back.
@@ -321,9 +294,6 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
                         }
                     }
                     if let Some(lane) = chunk.pop() {
-                        if let Some(next) = chunk.len().checked_sub(PREFETCH_NEAR).map(|i| chunk[i]) {
-                            prefetch_write(next.0.cast());
-                        }
                         self.take_from_lane(lane, &mut out);
                     }
                 }
@@ -335,8 +305,8 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             self.schedule(std::mem::take(&mut out.again));
             self.lanes.went_idle(out.idle, &guard);
         }
-        let Out { tickets, discarded, .. } = out;
-        count_in_flight(tickets.iter().map(|t| t.receipt.slot), 1);
+        let Out { tickets, discarded, in_flight, .. } = out;
+        in_flight.apply();
         let got = tickets.len();
         if got < want {
             self.counters.in_flight.fetch_sub(want - got, Relaxed);
@@ -354,22 +324,14 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         }
         let guard = epoch::pin();
         let n = receipts.len();
-        // Before any slot is resolved: resolving is the last touch of a block.
-        count_in_flight(receipts.iter().map(|r| r.slot), -1);
         let mut live = 0;
         let mut idle = 0;
         let mut again = Vec::new();
-        let lanes: Vec<*const u8> =
-            receipts.iter().map(|r| r.lane.map_or(std::ptr::null(), |l| l.0.cast())).collect();
-        for &l in lanes.iter().take(PREFETCH_NEAR) {
-            prefetch_write(l);
-        }
-        for (i, r) in receipts.into_iter().enumerate() {
-            if let Some(&l) = lanes.get(i + PREFETCH_NEAR) {
-                prefetch_write(l);
-            }
+        let mut in_flight = Tally::default();
+        for r in receipts {
             // SAFETY: a receipt's slot is unresolved until this call resolves it.
             let part = unsafe { &*r.slot.owner().cast::<Partition>() };
+            in_flight.add(part, -1);
             let is_live = part.epoch() == r.epoch;
             // SAFETY: as above; the block is not touched after this.
             unsafe { r.slot.resolve(is_live) };
@@ -378,6 +340,7 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
                 idle += usize::from(self.release(lane, &mut again));
             }
         }
+        in_flight.apply();
         self.schedule(again);
         self.lanes.went_idle(idle, &guard);
         self.counters.completed.fetch_add(live as u64, Relaxed);
@@ -653,6 +616,7 @@ impl<T: Send> Dispatcher<T> {
         // The epoch first (see Partition::drop_queued).
         let epoch = part.epoch();
         if may_hand_out && part.take_queued(e.generation()) {
+            out.in_flight.add(part, 1);
             let receipt = Receipt {
                 owner: self.id,
                 lane,
@@ -682,21 +646,25 @@ impl<T: Send> Dispatcher<T> {
     }
 }
 
-/// Adds `sign` per slot to its partition's in-flight count, one atomic add
-/// per partition: a call spans few partitions.
-fn count_in_flight(slots: impl Iterator<Item = Slot>, sign: i64) {
-    let mut tally: Vec<(*const (), i64)> = Vec::new();
-    for slot in slots {
-        // SAFETY: the slots are unresolved (held by the caller's tickets).
-        let owner = unsafe { slot.owner() };
-        match tally.iter_mut().find(|(p, _)| *p == owner) {
-            Some((_, n)) => *n += sign,
-            None => tally.push((owner, sign)),
+/// In-flight counts to add per partition, one atomic add each when
+/// applied: a call spans few partitions.
+#[derive(Default)]
+struct Tally(Vec<(*const Partition, i64)>);
+
+impl Tally {
+    fn add(&mut self, part: &Partition, n: i64) {
+        let p = std::ptr::from_ref(part);
+        match self.0.iter_mut().find(|(q, _)| *q == p) {
+            Some((_, m)) => *m += n,
+            None => self.0.push((p, n)),
         }
     }
-    for (owner, n) in tally {
-        // SAFETY: a slot's owner is a partition, alive as long as the dispatcher.
-        unsafe { &*owner.cast::<Partition>() }.in_flight.fetch_add(n, Relaxed);
+
+    fn apply(self) {
+        for (part, n) in self.0 {
+            // SAFETY: partitions live as long as the dispatcher.
+            unsafe { &*part }.in_flight.fetch_add(n, Relaxed);
+        }
     }
 }
 
@@ -709,6 +677,7 @@ struct Out<T> {
     idle: usize,
     /// Lanes put back (live messages that could not be handed out).
     again: Vec<LanePtr>,
+    in_flight: Tally,
 }
 
 enum Took<T> {

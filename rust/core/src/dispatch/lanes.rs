@@ -121,23 +121,6 @@ impl<E> Lanes<E> {
         &self.buckets[self.hasher.hash_one(id) as usize & self.mask]
     }
 
-    /// Starts loading the bucket of `id`, and, if `deep`, the lane it holds
-    /// (if its word is already cached): a batch prefetches ahead, so the
-    /// cache misses of many lookups overlap instead of queueing behind
-    /// each message's atomic operations.
-    #[inline]
-    pub fn prefetch(&self, id: u64, deep: bool) {
-        let slot = self.bucket(id);
-        if deep {
-            let word = slot.load(Relaxed);
-            if word != 0 && word & LIST == 0 {
-                prefetch_write(word as *const u8);
-            }
-        } else {
-            prefetch_write(std::ptr::from_ref(slot).cast());
-        }
-    }
-
     /// Lanes in the table (retired ones not yet removed included).
     pub fn len(&self) -> usize {
         self.live.load(Relaxed)
@@ -269,8 +252,7 @@ impl<E> Lanes<E> {
     }
 
     /// Visits every lane (for stats). Lanes may change meanwhile.
-    pub fn for_each(&self, guard: &Guard, mut f: impl FnMut(&Lane<E>)) {
-        let _ = guard;
+    pub fn for_each(&self, _guard: &Guard, mut f: impl FnMut(&Lane<E>)) {
         for slot in self.buckets.iter() {
             // SAFETY: loaded under `guard`.
             if let Some(held) = unsafe { Held::<E>::of(slot.load(Acquire)) } {
@@ -313,18 +295,6 @@ unsafe fn drop_word_shell<E>(word: usize) {
         // SAFETY: the caller's guarantee.
         drop(unsafe { Box::from_raw((word & !LIST) as *mut Vec<*mut Lane<E>>) });
     }
-}
-
-/// A hint to the CPU; never dereferences.
-#[inline(always)]
-pub fn prefetch_write(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch never faults, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(p.cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 /// A raw pointer moved into an epoch-deferred closure.
