@@ -39,6 +39,7 @@ from keylane import _handler_call
 from keylane._broker_calls import BrokerCalls
 from keylane._guard import Guard, PoisonMessage
 from keylane._native import Dispatcher, Ticket
+from keylane._repartition import Held, Repartition
 from keylane.brokers.base import Consumer, Fetch, TopicPartition
 from keylane.dlq import DeadLetter
 from keylane.errors import BrokerError, BrokerTimeout, NotAssigned
@@ -85,6 +86,25 @@ class Run:
         )
         self.consumer: Consumer = app.broker.consumer(app.group, app.topics)
         self.calls = BrokerCalls(app.group, app.broker_timeout, self.metrics)
+        self.rp: Repartition | None = None
+        if app.repartition == "hold":
+            self.rp = Repartition(
+                self.consumer,
+                self.calls,
+                self.metrics,
+                grace=app.repartition_grace,
+                group=app.group,
+                release=self._release_held,
+            )
+        self.paused: frozenset[TopicPartition] = frozenset()
+        # Released held records enter the dispatcher under a partition id of
+        # their own per partition (``virtual``: id -> real id), numbered by
+        # ``vnext`` in release order; ``released`` keeps (number, offset)
+        # until done, so commits of the real partition stay below them.
+        self.virtual: dict[int, int] = {}
+        self.virtual_of: dict[int, int] = {}
+        self.vnext: dict[int, int] = {}
+        self.released: dict[int, deque[tuple[int, int]]] = {}
         self.guard: Guard | None = None
         # Partition ids: the dispatcher numbers partitions densely; several
         # topics share one numbering.
@@ -182,6 +202,8 @@ class Run:
                 # stopped, even mid-flush in a thread) before the final commit.
                 async with trio.open_nursery() as background:
                     background.start_soon(self._committer)
+                    if self.rp is not None:
+                        background.start_soon(self.rp.watch)
                     with self.work_scope:
                         async with trio.open_nursery() as workers:
                             for _ in range(app.concurrency):
@@ -272,7 +294,7 @@ class Run:
             await self._yield_if_due()
             if self.overflow:
                 self._push_overflow()
-            room = d.free_capacity
+            room = self._pause_held() if self.rp is not None else d.free_capacity
             if room == 0:
                 # Full: wait for room, but keep talking to the broker (an
                 # empty fetch) so the member stays in its group and a
@@ -290,7 +312,7 @@ class Run:
             if pushed:
                 self.metrics.counters["consumed"] += pushed
             elif self.until_idle and fetch.at_end and fetch.settled:
-                if len(d) == 0 and not self.done:
+                if len(d) == 0 and not self.done and not (self.rp and self.rp.holding):
                     log.info("group %s: idle (all assigned partitions handled)", app.group)
                     return
                 # Everything fetched; wait for the workers, not the broker.
@@ -301,6 +323,8 @@ class Run:
         entries: list[tuple[bytes | None, int, int, Message]] = []
         dropped = 0
         now = time.perf_counter()
+        # Topics in a repartition transition (see _repartition).
+        moving = self.rp.changes if self.rp is not None else None
         for tp, records in fetch.chunks:
             tpid = self.tp_ids.get(tp)
             if tpid is None or tp not in self.owned or not records:
@@ -320,6 +344,12 @@ class Run:
                 if not fresh:
                     continue
             self.last_pushed[tpid] = fresh[-1].offset
+            if moving and tp.topic in moving:
+                assert self.rp is not None
+                divert = self.rp.divert
+                fresh = [m for m in fresh if not divert(m, tpid)]
+                if not fresh:
+                    continue
             entries.extend([(m.key, tpid, m.offset, m) for m in fresh])
             # Dispatch latency is sampled on offsets divisible by
             # SAMPLE_EVERY (the workers sample the same ones).
@@ -363,9 +393,69 @@ class Run:
             self.metrics.counters["consumed"] += accepted
             self._wake(accepted)
 
+    def _pause_held(self) -> int:
+        """Keeps held records from taking all the memory, and returns how
+        much room the next fetch may use.
+
+        Held records, and the records queued behind their keys, wait for
+        other partitions (the old ones) whose records need room to come in.
+        So while partitions with held records are fetched from, the last
+        quarter of the capacity is kept free; once half is used they are
+        paused (fetches then go to the others), until three quarters are
+        free again or nothing is held."""
+        rp = self.rp
+        assert rp is not None
+        d = self.d
+        free, quarter = max(0, d.free_capacity - rp.holding), d.capacity // 4
+        held = {self.tps[i] for i in rp.held_by_part} & self.owned
+        wanted = self.paused
+        if held and free < 2 * quarter:
+            wanted = frozenset(self.paused | held)
+        elif self.paused and (not held or free >= 3 * quarter):
+            wanted = frozenset()
+        if wanted != self.paused:
+            self.paused = wanted
+            self.consumer.set_paused(wanted)
+            if wanted:
+                log.info(
+                    "group %s: records of moved keys wait and memory is short; pausing %s",
+                    self.app.group,
+                    sorted(wanted),
+                )
+        return max(0, free - quarter) if held - self.paused else free
+
+    def _release_held(self, held: list[Held]) -> None:
+        """Pushes released records into the dispatcher (or, if it is full,
+        ahead of anything fetched later), each under its partition's
+        virtual id."""
+        entries = []
+        for h in held:
+            vid = self.virtual.get(h.tpid)
+            if vid is None:
+                vid = self.virtual[h.tpid] = len(self.tps)
+                self.virtual_of[vid] = h.tpid
+                self.tps.append(self.tps[h.tpid])
+                self.released[vid] = deque()
+            n = self.vnext.get(vid, 0)
+            self.vnext[vid] = n + 1
+            self.released[vid].append((n, h.msg.offset))
+            entries.append((h.msg.key, vid, n, h.msg))
+        if self.overflow:
+            self.overflow.extend(entries)
+            return
+        accepted = self.d.push_many(entries)
+        self.metrics.counters["consumed"] += accepted
+        self._wake(accepted)
+        self.overflow.extend(entries[accepted:])
+
     async def _rebalance(self, fetch: Fetch) -> None:
+        if self.rp is not None and fetch.partitions:
+            self.rp.observe(fetch.partitions)
         if fetch.lost:
             ids = [self.tp_ids[tp] for tp in fetch.lost if tp in self.tp_ids]
+            if self.rp is not None:
+                self.rp.take(ids)
+            ids += [self.virtual[i] for i in ids if i in self.virtual]
             dropped = self.d.revoke(ids)
             log.warning(
                 "group %s: lost %s (this member was presumed dead); dropped %d queued messages",
@@ -391,6 +481,8 @@ class Run:
         and only then are the partitions released, so the next owner never
         runs a key that is still running here."""
         ids = sorted({self.tp_ids[tp] for tp in tps if tp in self.tp_ids})
+        held = self.rp.take(ids) if self.rp is not None else 0
+        ids += [self.virtual[i] for i in ids if i in self.virtual]
         self.draining.update(ids)
         dropped = self.d.drop_queued(ids)
         if self.overflow:
@@ -404,7 +496,7 @@ class Run:
             else:
                 keep.append(t)
         self.ready = keep
-        dropped += self.d.drop_queued(ids)
+        dropped += self.d.drop_queued(ids) + held
         # Waiting out a retry backoff is not running: cut it short.
         for t, scope in list(self.retrying.items()):
             if t.partition in self.draining:
@@ -453,6 +545,11 @@ class Run:
         for i in ids:
             self.last_pushed.pop(i, None)
             self.committed.pop(i, None)
+            real = self.virtual_of.pop(i, None)
+            if real is not None:
+                del self.virtual[real]
+                self.vnext.pop(i, None)
+                self.released.pop(i, None)
         if self.enqueued_at:
             gone = set(ids)
             self.enqueued_at = {k: v for k, v in self.enqueued_at.items() if k[0] not in gone}
@@ -790,8 +887,10 @@ class Run:
                 await self.guard.flush()
             offsets: dict[TopicPartition, int] = {}
             for tpid, offset in marks.items():
-                if only is not None and tpid not in only:
+                if (only is not None and tpid not in only) or tpid in self.virtual_of:
                     continue
+                if self.rp is not None:
+                    offset = self._below_held(tpid, offset, marks)
                 tp = self.tps[tpid]
                 if tp in self.owned and self.committed.get(tpid) != offset:
                     offsets[tp] = offset
@@ -804,6 +903,22 @@ class Run:
             for tp, offset in offsets.items():
                 self.committed[self.tp_ids[tp]] = offset
             self.metrics.counters["commits"] += 1
+
+    def _below_held(self, tpid: int, offset: int, marks: dict[int, int]) -> int:
+        """``offset``, or less: never past a record of the partition that is
+        held, or released and not done yet."""
+        assert self.rp is not None
+        lowest = self.rp.lowest_held(tpid)
+        vid = self.virtual.get(tpid)
+        if vid is not None:
+            released = self.released[vid]
+            done_below = marks.get(vid, 0)
+            while released and released[0][0] < done_below:
+                released.popleft()
+            if released:
+                first = min(off for _, off in released)
+                lowest = first if lowest is None else min(lowest, first)
+        return offset if lowest is None else min(offset, lowest)
 
     # ---- observing ------------------------------------------------------------------------
 

@@ -44,6 +44,9 @@ class UnorderedVersionsWarning(UserWarning):
 
 ORDERINGS = ("total", "partition", "key", "none")
 DEFAULT_DEDUPE_WINDOW = 7 * 24 * 3600.0
+# Kafka clients refresh topic metadata every 5 minutes by default; a broker
+# that does not say how stale its producers' view can be gets that.
+_DEFAULT_GRACE = 300.0
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -113,6 +116,15 @@ class App:
       retried with a backoff (fetches forever, a join for
       ``broker_timeout``), fatal ones end ``run``.
     - ``fetch_max``: records per fetch at most (default 4,096).
+    - ``repartition``: ``"hold"`` (default, except with ``ordering="none"``)
+      or ``"off"``. When a topic grows, records of keys that moved to
+      another partition wait until the group has committed every earlier
+      record of their old partition, so a key never runs ahead of its own
+      past (docs/design.md, "Repartitioning"). ``"off"`` shows the harm.
+    - ``repartition_grace``: seconds after a growth during which producers
+      may still place keys by the old partition count (default: the
+      broker's ``metadata_max_age``: 0 for MemoryBroker, 300 for Kafka,
+      whose clients refresh topic metadata every 5 minutes).
     - ``metrics``: ``keylane.Prometheus(port=...)``, or a prometheus-client
       ``CollectorRegistry``; ``app.stats()`` works without either.
     """
@@ -138,6 +150,8 @@ class App:
         commit_interval: float = 1.0,
         broker_timeout: float = 30.0,
         fetch_max: int = 4096,
+        repartition: Literal["hold", "off"] | None = None,
+        repartition_grace: float | None = None,
         metrics: Any = None,
     ) -> None:
         for method in ("consumer", "produce", "flush"):
@@ -157,6 +171,29 @@ class App:
                 f"ordering must be one of {', '.join(map(repr, ORDERINGS))}; got {ordering!r}"
             )
         self.ordering = ordering
+        if repartition is None:
+            repartition = "off" if ordering == "none" else "hold"
+        elif repartition not in ("hold", "off"):
+            raise ConfigError(f'repartition must be "hold" or "off", got {repartition!r}')
+        elif repartition == "hold" and ordering == "none":
+            raise ConfigError(
+                'repartition="hold" keeps per-key order across a topic growth; '
+                'ordering="none" promises no order to keep'
+            )
+        self.repartition = repartition
+        if repartition_grace is None:
+            grace = getattr(broker, "metadata_max_age", _DEFAULT_GRACE)
+            repartition_grace = grace if isinstance(grace, (int, float)) else _DEFAULT_GRACE
+        if (
+            isinstance(repartition_grace, bool)
+            or not isinstance(repartition_grace, (int, float))
+            or not math.isfinite(repartition_grace)
+            or repartition_grace < 0
+        ):
+            raise ConfigError(
+                f"repartition_grace must be a number of seconds >= 0, got {repartition_grace!r}"
+            )
+        self.repartition_grace = float(repartition_grace)
         self.concurrency = _positive_int("concurrency", concurrency)
         self.capacity = _positive_int("capacity", capacity)
         self.fetch_max = _positive_int("fetch_max", fetch_max)

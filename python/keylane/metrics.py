@@ -34,6 +34,10 @@ COUNTERS = (
     ("redelivered_dropped", "Records fetched again while already queued or done."),
     ("commits", "Offset commits sent to the broker."),
     ("broker_retries", "Broker calls (fetch, commit, join) that failed and were retried."),
+    (
+        "repartition_held",
+        "Records of keys that moved to another partition, held until their past was committed.",
+    ),
 )
 
 
@@ -90,6 +94,8 @@ class Metrics:
     )
     handler_latency: Histogram = dataclasses.field(default_factory=Histogram)
     dispatch_latency: Histogram = dataclasses.field(default_factory=Histogram)
+    # Every held record, not sampled: holds are rare and each one matters.
+    repartition_wait: Histogram = dataclasses.field(default_factory=Histogram)
     gauges: Callable[[], dict[str, Any]] = dataclasses.field(default=dict)
 
     def add(self, name: str, n: int = 1) -> None:
@@ -100,6 +106,7 @@ class Metrics:
         out.update(self.gauges())
         out["handler_latency"] = self.handler_latency.summary()
         out["dispatch_latency"] = self.dispatch_latency.summary()
+        out["repartition_wait"] = self.repartition_wait.summary()
         return out
 
 
@@ -191,6 +198,11 @@ class _Collector:
                 "dispatch_latency_seconds",
                 m.dispatch_latency,
                 "Queued until the handler started (sampled).",
+            ),
+            (
+                "repartition_wait_seconds",
+                m.repartition_wait,
+                "How long records of moved keys were held after a topic grew.",
             ),
         ):
             h = HistogramMetricFamily(f"keylane_{name}", doc, labels=labels)

@@ -27,6 +27,7 @@ class Harness:
     create_topic: Callable[[str, int], None]
     end_offsets: Callable[[str], list[int]]
     committed: Callable[[str], dict[TopicPartition, int]]
+    add_partitions: Callable[[str, int], None]
     flush: Callable[[], None]
     # A member killed without leaving is noticed after about this long.
     session_timeout: float
@@ -64,6 +65,7 @@ def memory_harness() -> Harness:
         create_topic=b.create_topic,
         end_offsets=b.end_offsets,
         committed=b.committed,
+        add_partitions=b.add_partitions,
         flush=lambda: None,
         session_timeout=2.0,
         join_bound=5.0,
@@ -78,6 +80,7 @@ def kafka_harness(bootstrap: str) -> Harness:
         create_topic=b.create_topic,
         end_offsets=b.end_offsets,
         committed=b.committed,
+        add_partitions=b.add_partitions,
         flush=b.flush_sync,
         session_timeout=6.0,
         join_bound=30.0,

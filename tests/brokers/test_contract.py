@@ -7,6 +7,7 @@ wait is bounded.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import pytest
@@ -292,3 +293,81 @@ async def test_few_keys_keep_every_key_busy(harness: Harness) -> None:
     # timer rounding and the thread hops on 2 cores; ~9 of 10 on longer runs).
     middle = sorted(samples[100:300])
     assert middle[len(middle) // 2] >= 4, middle
+
+
+# ---- what the repartition defence asks of a broker -----------------------------------------
+
+
+async def test_committed_offsets_and_offsets_for_times_of_any_partition(harness: Harness) -> None:
+    topic = harness.topic(2)
+    p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    for i in range(5):
+        harness.broker.produce(topic, value=str(i), partition=0)
+    harness.flush()
+    await trio.sleep(0.1)
+    middle = time.time()
+    await trio.sleep(0.1)
+    for i in range(5, 10):
+        harness.broker.produce(topic, value=str(i), partition=0)
+    harness.flush()
+    group = unique("group")
+    # Asked by a consumer that owns nothing (it never joined).
+    asker = harness.consumer(group, [topic], new_client=True)
+    with trio.fail_after(harness.join_bound):
+        assert await asker.committed_offsets([p0, p1]) == {p0: 0, p1: 0}
+        found = await asker.offsets_for_times({p0: middle, p1: middle})
+        assert found == {p0: 5, p1: 0}
+        assert await asker.offsets_for_times({p0: 0.0}) == {p0: 0}
+        assert await asker.offsets_for_times({p0: time.time() + 3600}) == {p0: 10}
+    owner = harness.consumer(group, [topic])
+    await owner.join()
+    await fetch_until(owner, lambda fs: len(assigned(fs)) == 2, bound=harness.join_bound)
+    await owner.commit({p0: 3})
+    with trio.fail_after(harness.join_bound):
+        assert await asker.committed_offsets([p0, p1]) == {p0: 3, p1: 0}
+
+
+async def test_set_paused_holds_back_only_those_partitions(harness: Harness) -> None:
+    topic = harness.topic(2)
+    p0 = TopicPartition(topic, 0)
+    c = harness.consumer(unique("group"), [topic])
+    await c.join()
+    await fetch_until(c, lambda fs: len(assigned(fs)) == 2, bound=harness.join_bound)
+    c.set_paused([p0])
+    await c.fetch(0, 0.2)  # a paused Kafka client drops what it prefetched
+    for i in range(20):
+        harness.broker.produce(topic, value=str(i), partition=i % 2)
+    harness.flush()
+    fetches = await fetch_until(
+        c, lambda fs: len(records(fs)) >= 10, bound=harness.join_bound, max_records=100
+    )
+    # A little longer, so records of p0 would have had time to come.
+    with trio.move_on_after(1.0):
+        while True:
+            fetches.append(await c.fetch(100, 0.2))
+    got = records(fetches)
+    assert {m.partition for m in got} == {1}
+    assert len(got) == 10
+    c.set_paused([])
+    fetches = await fetch_until(
+        c, lambda fs: len(records(fs)) >= 10, bound=harness.join_bound, max_records=100
+    )
+    assert sorted(m.offset for m in records(fetches) if m.partition == 0) == list(range(10))
+
+
+async def test_fetch_reports_partition_counts_and_their_growth(harness: Harness) -> None:
+    topic = harness.topic(2)
+    c = harness.consumer(unique("group"), [topic])
+    await c.join()
+    fetches = await fetch_until(c, lambda fs: len(assigned(fs)) == 2, bound=harness.join_bound)
+    assert fetches[-1].partitions == {topic: 2}
+    await trio.to_thread.run_sync(harness.add_partitions, topic, 4)
+    fetches = await fetch_until(
+        c, lambda fs: bool(fs) and fs[-1].partitions.get(topic) == 4, bound=harness.join_bound
+    )
+    # (When the group assigns the new partitions is the broker's business:
+    # Kafka's leader notices at its next metadata refresh.) A fetch that
+    # hands out a new partition already reports the count that made it.
+    for f in fetches:
+        if any(tp.partition >= 2 for tp in f.assigned):
+            assert f.partitions[topic] == 4

@@ -132,5 +132,18 @@ class _StampedConsumer:
     async def release(self, partitions: Collection[TopicPartition]) -> None:
         await self._inner.release(partitions)
 
+    def set_paused(self, partitions: Collection[TopicPartition]) -> None:
+        self._inner.set_paused(partitions)
+
+    async def committed_offsets(
+        self, partitions: Collection[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        return await self._inner.committed_offsets(partitions)
+
+    async def offsets_for_times(
+        self, times: Mapping[TopicPartition, float]
+    ) -> dict[TopicPartition, int]:
+        return await self._inner.offsets_for_times(times)
+
     async def close(self) -> None:
         await self._inner.close()

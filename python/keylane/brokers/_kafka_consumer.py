@@ -35,6 +35,7 @@ from keylane.brokers._kafka_common import (
     client_config,
     from_exception,
 )
+from keylane.brokers._kafka_lookup import Lookup, partition_counts
 from keylane.brokers._kafka_records import Batch, convert, watermarks
 from keylane.brokers.base import Fetch, TopicPartition
 from keylane.errors import InvalidArgument, NotAssigned, UnknownTopic
@@ -52,6 +53,8 @@ _CONSUME_MAX = 100_000
 _CONSUME_SLICE = 0.002
 # Bound of each metadata or offsets query made from a consume hop.
 _QUERY_TIMEOUT = 5.0
+# Partition counts are asked this often (seconds), and on every assignment.
+_COUNTS_EVERY = 1.0
 
 
 class KafkaConsumer:
@@ -95,6 +98,13 @@ class KafkaConsumer:
         self._hop_result: outcome.Outcome[Batch] | None = None
         self._carry: dict[TopicPartition, list[Message]] = {}
         self._paused = False
+        # Partitions the runtime asked to pause (set_paused), and those
+        # paused on the client for it.
+        self._want_paused: frozenset[TopicPartition] = frozenset()
+        self._held_paused: frozenset[TopicPartition] = frozenset()
+        self._counts: dict[str, int] = {}
+        self._counts_at = 0.0
+        self._lookup = Lookup(broker, self._config)
         self._ends: dict[TopicPartition, int] = {}
         # Committed offset of each assigned partition nothing was consumed
         # from yet (asked once per assignment).
@@ -285,7 +295,23 @@ class KafkaConsumer:
             self._released.notify_all()
         await trio.lowlevel.checkpoint()
 
+    def set_paused(self, partitions: Collection[TopicPartition]) -> None:
+        # Applied by the next consume hop, the thread that drives the client.
+        self._want_paused = frozenset(partitions)
+
+    async def committed_offsets(
+        self, partitions: Collection[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        return await self._lookup.committed(partitions)
+
+    async def offsets_for_times(
+        self, times: Mapping[TopicPartition, float]
+    ) -> dict[TopicPartition, int]:
+        return await self._lookup.offsets_for_times(times)
+
     async def close(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            await self._broker._in_thread(self._lookup.close, abandon=True)
         c = self._c
         if c is None:
             return
@@ -354,6 +380,7 @@ class KafkaConsumer:
             ends=ends,
             at_end=at_end and not self._carry,
             settled=settled,
+            partitions=dict(self._counts),
         )
 
     def _start_hop(self, max_records: int, wait: float) -> trio.Event:
@@ -404,6 +431,10 @@ class KafkaConsumer:
                 current = c.assignment()
                 if current:
                     c.pause(current)
+            if not pause:
+                self._pause_held(c)
+            if time.monotonic() - self._counts_at > _COUNTS_EVERY:
+                self._refresh_counts(c)
             # librdkafka's batch consume waits for a full batch or the
             # timeout: in slices, so what has arrived is returned within a
             # few milliseconds instead of after the whole wait.
@@ -434,6 +465,30 @@ class KafkaConsumer:
             return Batch(chunks, ends, at_end=at_end and not pause)
         except confluent_kafka.KafkaException as e:
             raise from_exception(e, "consume") from None
+
+    def _pause_held(self, c: confluent_kafka.Consumer) -> None:
+        want = self._want_paused
+        with self._lock:
+            want = frozenset(want & self._owned)
+        if want:
+            # Again every hop: a partition reassigned meanwhile starts unpaused.
+            c.pause([_KTP(tp.topic, tp.partition) for tp in want])
+        resume = self._held_paused - want
+        if resume:
+            with self._lock:
+                resume = frozenset(resume & self._owned)
+            if resume:
+                c.resume([_KTP(tp.topic, tp.partition) for tp in resume])
+        self._held_paused = want
+
+    def _refresh_counts(self, c: confluent_kafka.Consumer) -> None:
+        self._counts_at = time.monotonic()
+        try:
+            self._counts.update(partition_counts(c, self._topics, _QUERY_TIMEOUT))
+        except confluent_kafka.KafkaException as e:
+            err = e.args[0] if e.args else None
+            if isinstance(err, confluent_kafka.KafkaError):
+                self._errors(err, f"group {self._group} partition counts")
 
     def _cached_ends(self, c: confluent_kafka.Consumer) -> dict[TopicPartition, int]:
         ends: dict[TopicPartition, int] = {}
@@ -496,6 +551,10 @@ class KafkaConsumer:
 
     def _on_assign(self, _c: object, partitions: list[confluent_kafka.TopicPartition]) -> None:
         tps = {TopicPartition(p.topic, p.partition) for p in partitions}
+        if tps and self._c is not None:
+            # Before any record of a new partition: the runtime must know
+            # the count it was placed by.
+            self._refresh_counts(self._c)
         with self._lock:
             self._seen_assignment = True
             for tp in tps:

@@ -28,6 +28,13 @@ What the runtime promises every adapter, and asks of it:
   stays in its group however long handlers take, and still sees rebalances.
 - **Commits** are next-offset-to-read per partition, exactly the watermark:
   the runtime never asks to commit past a message that is not done.
+- **Repartitioning.** ``Fetch.partitions`` says how many partitions each
+  subscribed topic has now, as the broker sees it; when a count grows the
+  runtime holds records of keys that moved until the group has committed
+  what came before them on their old partition, which it learns from
+  ``committed_offsets`` and ``offsets_for_times`` (any partition, owned by
+  any member). ``set_paused`` keeps fetches off partitions whose records
+  are held while memory is short (see docs/design.md, "Repartitioning").
 """
 
 from __future__ import annotations
@@ -66,6 +73,10 @@ class Fetch:
     # The group is stable: no partition waits to change hands and each has
     # a live owner. "Idle" means nothing unless the group is settled.
     settled: bool = True
+    # Partition count of each subscribed topic as the broker sees it now
+    # (empty: the adapter cannot tell, and the runtime cannot defend
+    # against repartitioning).
+    partitions: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 class Consumer(Protocol):
@@ -103,13 +114,38 @@ class Consumer(Protocol):
         """Gives up revoked partitions, after their final commit."""
         ...
 
+    def set_paused(self, partitions: Collection[TopicPartition]) -> None:
+        """From the next fetch on, returns no records of ``partitions`` (the
+        set replaces the previous one; empty resumes all). Membership and
+        rebalances are unaffected."""
+        ...
+
+    async def committed_offsets(
+        self, partitions: Collection[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        """The group's committed offset (next to read) of each partition,
+        whichever member owns it; the log start where nothing is committed."""
+        ...
+
+    async def offsets_for_times(
+        self, times: Mapping[TopicPartition, float]
+    ) -> dict[TopicPartition, int]:
+        """Per partition, the earliest offset whose record timestamp (seconds
+        since the epoch) is at or after the given time; the end offset where
+        no record is that recent."""
+        ...
+
     async def close(self) -> None:
         """Leaves the group at once; its partitions go to the others."""
         ...
 
 
 class Broker(Protocol):
-    """A message broker keylane can consume from and produce to."""
+    """A message broker keylane can consume from and produce to.
+
+    Optionally, ``metadata_max_age`` (seconds): how long after a topic grows
+    producers may still place keys by the old partition count (the default
+    of App's ``repartition_grace``)."""
 
     def consumer(self, group: str, topics: Sequence[str]) -> Consumer:
         """A new member of ``group`` subscribed to ``topics`` (not joined yet)."""

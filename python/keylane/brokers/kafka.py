@@ -81,6 +81,12 @@ class KafkaBroker:
     broker makes itself (admin calls, flush, joining).
     """
 
+    # Kafka clients refresh topic metadata every 5 minutes by default, so a
+    # producer may place keys by the old partition count that long after a
+    # topic grows (App's repartition_grace; lower it if every producer
+    # refreshes sooner).
+    metadata_max_age = 300.0
+
     def __init__(
         self,
         bootstrap_servers: str,

@@ -12,6 +12,7 @@ thread-safe.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import logging
@@ -47,6 +48,10 @@ from keylane.message import (
 )
 
 log = logging.getLogger("keylane.brokers.memory")
+
+
+def _timestamp(m: Message) -> float:
+    return m.timestamp
 
 
 def _now() -> float:
@@ -116,6 +121,7 @@ class _Member:
     reported: set[TopicPartition] = dataclasses.field(default_factory=set)
     lost: set[TopicPartition] = dataclasses.field(default_factory=set)
     position: dict[TopicPartition, int] = dataclasses.field(default_factory=dict)
+    paused: frozenset[TopicPartition] = frozenset()
     cursor: int = 0
 
 
@@ -138,8 +144,15 @@ class MemoryBroker:
     partitions are reassigned. ``persist_dir``: keep topics, logs and
     committed offsets in this directory, so a restarted process resumes;
     ``recover="truncate"`` cuts damaged log tails instead of refusing to
-    start; ``fsync=True`` makes ``flush`` fsync the logs.
+    start; ``fsync=True`` makes ``flush`` fsync the logs. ``assignor``:
+    how partitions are split among a group's members, ``"round-robin"``
+    (partition i to member i mod n) or ``"range"`` (contiguous ranges, as
+    Kafka's range assignor: growing a topic then moves old partitions too).
     """
+
+    # Producers place keys by the current partition count at once (see
+    # App's repartition_grace).
+    metadata_max_age = 0.0
 
     def __init__(
         self,
@@ -150,7 +163,11 @@ class MemoryBroker:
         recover: Literal["fail", "truncate"] = "fail",
         fsync: bool = False,
         faults: Faults | None = None,
+        assignor: Literal["round-robin", "range"] = "round-robin",
     ) -> None:
+        if assignor not in ("round-robin", "range"):
+            raise ConfigError(f'assignor must be "round-robin" or "range", got {assignor!r}')
+        self.assignor = assignor
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
             raise ConfigError(f"partitions must be an int >= 1, got {partitions!r}")
         self.default_partitions = partitions
@@ -333,6 +350,18 @@ class MemoryBroker:
             raise InvalidArgument(f"no topic {topic!r}")
         return logs
 
+    def _check_partition(self, tp: TopicPartition) -> list[Message]:
+        logs = self._topic(tp.topic)
+        if not 0 <= tp.partition < len(logs):
+            raise InvalidArgument(f"{tp.topic} has no partition {tp.partition}")
+        return logs[tp.partition]
+
+    def _offset_for_time(self, tp: TopicPartition, t: float) -> int:
+        # Kafka's lookup: the first record at or after ``t``. Timestamps
+        # are assumed to grow along the log (they do unless produce() was
+        # given out-of-order ones), as Kafka's time index assumes.
+        return bisect.bisect_left(self._check_partition(tp), t, key=_timestamp)
+
     def _signal(self) -> None:
         changed, self._changed = self._changed, None
         if changed is not None:
@@ -379,17 +408,24 @@ class MemoryBroker:
                 del g.pending[tp]
 
     def _rebalance(self, g: _Group) -> None:
-        """Round-robin over the sorted partitions of each topic among the
-        members subscribed to it. A partition changing hands is revoked from
-        a live owner first and handed over when released; one without a live
-        owner is assigned at once."""
+        """Splits each topic's partitions among the members subscribed to it
+        (``assignor``). A partition changing hands is revoked from a live
+        owner first and handed over when released; one without a live owner
+        is assigned at once."""
         members = list(g.members.values())
         target: dict[TopicPartition, str] = {}
         for topic in sorted({t for m in members for t in m.topics}):
             subscribed = [m.id for m in members if topic in m.topics]
-            n = len(self._logs.get(topic, ()))
+            n, k = len(self._logs.get(topic, ())), len(subscribed)
             for p in range(n):
-                target[TopicPartition(topic, p)] = subscribed[p % len(subscribed)]
+                if self.assignor == "range":
+                    # The first n % k members get one partition more.
+                    size, extra = divmod(n, k)
+                    cut = extra * (size + 1)
+                    i = p // (size + 1) if p < cut else extra + (p - cut) // max(size, 1)
+                else:
+                    i = p % k
+                target[TopicPartition(topic, p)] = subscribed[i]
         for tp in set(target) | set(g.owner):
             current, wanted = g.owner.get(tp), target.get(tp)
             if current is None:
@@ -516,12 +552,13 @@ class MemoryConsumer:
             m.position[tp] = min(m.position[tp], g.committed.get(tp, 0))
         chunks: list[tuple[TopicPartition, Sequence[Message]]] = []
         left = max(max_records, 0)
-        if active and left:
+        fetching = [tp for tp in active if tp not in m.paused] if m.paused else active
+        if fetching and left:
             # Equal shares first, from a rotating start, then what is left.
-            share = max(1, left // len(active))
-            start = m.cursor % len(active)
+            share = max(1, left // len(fetching))
+            start = m.cursor % len(fetching)
             m.cursor += 1
-            order = active[start:] + active[:start]
+            order = fetching[start:] + fetching[:start]
             for budget_pass in (share, None):
                 for tp in order:
                     if not left:
@@ -541,7 +578,8 @@ class MemoryConsumer:
         at_end = all(m.position[tp] >= ends[tp] for tp in active)
         subscribed = sum(len(b._logs.get(t, ())) for t in m.topics)
         settled = not g.pending and not m.revoking and len(g.owner) >= subscribed
-        return Fetch(chunks, assigned, revoked, lost, ends, at_end, settled)
+        counts = {t: len(b._logs[t]) for t in m.topics if t in b._logs}
+        return Fetch(chunks, assigned, revoked, lost, ends, at_end, settled, counts)
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         b = self._broker
@@ -582,6 +620,31 @@ class MemoryConsumer:
                 b._give(g, tp, g.members[target])
         b._rebalance(g)
         await trio.lowlevel.checkpoint()
+
+    def set_paused(self, partitions: Collection[TopicPartition]) -> None:
+        if self._member is not None:
+            self._member.paused = frozenset(partitions)
+
+    async def committed_offsets(
+        self, partitions: Collection[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        # A question about the group, not a sign of life: no _alive().
+        b = self._broker
+        committed = b._group(self._group_name).committed
+        out = {}
+        for tp in partitions:
+            b._check_partition(tp)
+            out[tp] = committed.get(tp, 0)
+        await trio.lowlevel.checkpoint()
+        return out
+
+    async def offsets_for_times(
+        self, times: Mapping[TopicPartition, float]
+    ) -> dict[TopicPartition, int]:
+        b = self._broker
+        out = {tp: b._offset_for_time(tp, t) for tp, t in times.items()}
+        await trio.lowlevel.checkpoint()
+        return out
 
     async def close(self) -> None:
         if self._member is None:

@@ -1,0 +1,126 @@
+"""Questions a Kafka consumer asks about partitions it may not own, for the
+runtime's repartition defence: the group's committed offsets, the offset
+for a time, and how many partitions a topic has.
+
+The offset questions go through a plain consumer of the same ``group.id``
+that never subscribes (so it never joins the group): the member's own
+client stays with its consume hops, and these are one thread hop each."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import confluent_kafka
+
+from keylane.brokers._kafka_common import from_exception
+from keylane.brokers.base import TopicPartition
+
+if TYPE_CHECKING:
+    from keylane.brokers.kafka import KafkaBroker
+
+_KTP = confluent_kafka.TopicPartition
+_COORDINATOR_MOVING = (
+    confluent_kafka.KafkaError.NOT_COORDINATOR,
+    confluent_kafka.KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    confluent_kafka.KafkaError.COORDINATOR_NOT_AVAILABLE,
+)
+
+
+def partition_counts(
+    c: confluent_kafka.Consumer, topics: Iterable[str], timeout: float
+) -> dict[str, int]:
+    """Partition count per topic (topics the cluster does not know are left out)."""
+    counts = {}
+    for topic in topics:
+        meta = c.list_topics(topic, timeout=timeout).topics.get(topic)
+        if meta is not None and meta.error is None and meta.partitions:
+            counts[topic] = len(meta.partitions)
+    return counts
+
+
+class Lookup:
+    def __init__(self, broker: KafkaBroker, config: Mapping[str, Any]) -> None:
+        self._broker = broker
+        self._config = {k: v for k, v in config.items() if not k.endswith("_cb")}
+        self._lock = threading.Lock()
+        self._c: confluent_kafka.Consumer | None = None
+
+    def _client(self) -> confluent_kafka.Consumer:
+        if self._c is None:
+            self._c = confluent_kafka.Consumer(self._config)
+        return self._c
+
+    async def committed(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
+        return await self._broker._in_thread(self._committed, list(partitions), abandon=True)
+
+    async def offsets_for_times(
+        self, times: Mapping[TopicPartition, float]
+    ) -> dict[TopicPartition, int]:
+        return await self._broker._in_thread(self._for_times, dict(times), abandon=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._c is not None:
+                self._c.close()
+                self._c = None
+
+    def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        timeout = self._broker.timeout
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            c = self._client()
+            ktps = [_KTP(tp.topic, tp.partition) for tp in tps]
+            try:
+                while True:
+                    try:
+                        found = c.committed(ktps, timeout=timeout)
+                        break
+                    except confluent_kafka.KafkaException as e:
+                        # A group nobody joined yet has no coordinator
+                        # loaded: asked again, within the bound.
+                        err = e.args[0] if e.args else None
+                        retriable = isinstance(err, confluent_kafka.KafkaError) and (
+                            err.retriable() or err.code() in _COORDINATOR_MOVING
+                        )
+                        if not retriable or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.1)
+                out = {}
+                for k in found:
+                    tp = TopicPartition(k.topic, k.partition)
+                    if k.offset >= 0:
+                        out[tp] = k.offset
+                    else:
+                        # Nothing committed: the group starts at the log start.
+                        out[tp] = c.get_watermark_offsets(k, timeout=timeout)[0]
+                return out
+            except confluent_kafka.KafkaException as e:
+                raise from_exception(e, "committed offsets") from None
+
+    def _for_times(self, times: dict[TopicPartition, float]) -> dict[TopicPartition, int]:
+        timeout = self._broker.timeout
+        with self._lock:
+            c = self._client()
+            try:
+                # Rounded up to Kafka's milliseconds: a record just before ``t``
+                # must stay before the offset found.
+                asked = [
+                    _KTP(tp.topic, tp.partition, math.ceil(t * 1000 - 1e-3))
+                    for tp, t in times.items()
+                ]
+                found = c.offsets_for_times(asked, timeout=timeout)
+                out = {}
+                for k in found:
+                    tp = TopicPartition(k.topic, k.partition)
+                    if k.offset >= 0:
+                        out[tp] = k.offset
+                    else:
+                        # No record that recent: the end of the log.
+                        out[tp] = c.get_watermark_offsets(_KTP(k.topic, k.partition), timeout)[1]
+                return out
+            except confluent_kafka.KafkaException as e:
+                raise from_exception(e, "offsets for times") from None

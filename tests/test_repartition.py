@@ -1,0 +1,156 @@
+"""The repartition defence (``App(repartition="hold")``): a topic grows
+while a group of members consumes it with a backlog; no key may run ahead
+of its own past, nor in two members at once, and nothing may be lost.
+
+Real time (members sleep in their handlers and the defence polls the
+broker); every run is bounded."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import trio
+
+import keylane
+from keylane.lab.ledger import Ledger, key_name, value
+from keylane.lab.members import Group
+
+T = "grows"
+
+
+async def grow_mid_stream(
+    *,
+    mode: str = "hold",
+    assignor: str = "round-robin",
+    members: int = 3,
+    messages: int = 4000,
+    keys: int = 300,
+    capacity: int = 200,
+    seed: int = 1,
+    leave_at_growth: bool = False,
+    only_keys: list[int] | None = None,
+    **options: Any,
+) -> tuple[Ledger, Group, dict[int, int]]:
+    """Produces a third of ``messages`` as a backlog (more than the members'
+    ``capacity``), starts the members, produces the rest in steps and grows
+    the topic 6 -> 12 half way through, while handlers run. With
+    ``leave_at_growth`` one member leaves right before the growth, so it
+    lands in the middle of that rebalance (partitions being revoked,
+    drained and handed over)."""
+    broker = keylane.MemoryBroker(6, assignor=assignor)  # type: ignore[arg-type]
+    broker.create_topic(T, 6)
+    rng = random.Random(seed)
+    pool = only_keys if only_keys is not None else list(range(keys))
+    order = [rng.choice(pool) for _ in range(messages)]
+    produced: dict[int, int] = {}
+    sent = 0
+
+    def produce(count: int) -> None:
+        nonlocal sent
+        for k in order[sent : sent + count]:
+            seq = produced.get(k, 0)
+            produced[k] = seq + 1
+            broker.produce(T, key_name(k), value(k, seq))
+        sent += count
+
+    app_options: dict[str, Any] = {
+        "repartition": mode,
+        "concurrency": 8,
+        "capacity": capacity,
+        "fetch_max": 100,
+        "commit_interval": 0.1,
+        "shutdown_timeout": 10,
+        **options,
+    }
+    group = Group(
+        broker, T, "g", members, work=lambda r: r.uniform(0.001, 0.004), seed=seed, **app_options
+    )
+    leaving = Group(
+        broker, T, "g", 1, work=group.work, seed=seed, ledger=group.ledger, **app_options
+    )
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            produce(messages // 3)
+            await group.start(nursery)
+            if leave_at_growth:
+                await leaving.start(nursery)
+            steps = 20
+            for i in range(steps):
+                produce((messages - messages // 3) // steps)
+                if i == steps // 2:
+                    if leave_at_growth:
+                        leaving.stop()
+                        await trio.sleep(0)
+                    broker.add_partitions(T, 12)
+                await trio.sleep(0.03)
+            produce(messages - sent)
+            await group.wait_applied(messages, limit=100)
+            group.stop()
+    return group.ledger, group, produced
+
+
+def assert_kept_order(ledger: Ledger, produced: dict[int, int]) -> None:
+    assert ledger.inversions == 0
+    assert ledger.overlaps == 0
+    assert ledger.lost(produced) == 0
+
+
+@pytest.mark.parametrize("assignor", ["round-robin", "range"])
+async def test_growth_keeps_every_key_in_order_across_members(assignor: str) -> None:
+    ledger, group, produced = await grow_mid_stream(assignor=assignor)
+    assert_kept_order(ledger, produced)
+    held = group.counter("repartition_held")
+    assert held > 0  # keys did move, and waited
+    waits = group.histograms("repartition_wait")
+    assert sum(h.count for h in waits) == held
+    assert all(
+        app.stats()["repartition_wait"]["count"] == h.count
+        for app, h in zip(group.apps, waits, strict=True)
+    )
+
+
+@pytest.mark.parametrize("assignor", ["round-robin", "range"])
+async def test_growth_during_a_rebalance_keeps_order(assignor: str) -> None:
+    ledger, _, produced = await grow_mid_stream(leave_at_growth=True, assignor=assignor)
+    assert_kept_order(ledger, produced)
+
+
+async def test_without_the_defence_the_same_growth_breaks_order() -> None:
+    # The setup above is one that does harm: off, keys run ahead of their past.
+    ledger, group, produced = await grow_mid_stream(mode="off", messages=6000)
+    assert ledger.inversions + ledger.overlaps > 0
+    assert ledger.lost(produced) == 0
+    assert group.counter("repartition_held") == 0
+
+
+async def test_keys_that_did_not_move_are_never_held() -> None:
+    stay = [
+        k
+        for k in range(2000)
+        if keylane.partition_for_key(key_name(k), 6) == keylane.partition_for_key(key_name(k), 12)
+    ]
+    ledger, group, produced = await grow_mid_stream(only_keys=stay[:200])
+    assert_kept_order(ledger, produced)
+    assert group.counter("repartition_held") == 0
+
+
+async def test_a_grace_period_holds_moved_keys_longer_and_still_keeps_order() -> None:
+    ledger, group, produced = await grow_mid_stream(repartition_grace=0.5)
+    assert_kept_order(ledger, produced)
+    assert group.counter("repartition_held") > 0
+
+
+def test_repartition_options_are_checked() -> None:
+    b = keylane.MemoryBroker()
+    assert keylane.App(b, topics=["t"], group="g").repartition == "hold"
+    assert keylane.App(b, topics=["t"], group="g", ordering="none").repartition == "off"
+    assert keylane.App(b, topics=["t"], group="g").repartition_grace == 0.0
+    with pytest.raises(keylane.ConfigError, match="hold"):
+        keylane.App(b, topics=["t"], group="g", repartition="always")  # type: ignore[arg-type]
+    with pytest.raises(keylane.ConfigError, match='ordering="none"'):
+        keylane.App(b, topics=["t"], group="g", ordering="none", repartition="hold")
+    for bad in (-1, float("nan"), "5", True):
+        with pytest.raises(keylane.ConfigError, match="repartition_grace"):
+            keylane.App(b, topics=["t"], group="g", repartition_grace=bad)  # type: ignore[arg-type]
