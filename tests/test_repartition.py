@@ -82,7 +82,7 @@ async def grow_mid_stream(
                 if i == steps // 2:
                     if leave_at_growth:
                         leaving.stop()
-                        await trio.sleep(0)
+                        await trio.lowlevel.checkpoint()
                     broker.add_partitions(T, 12)
                 await trio.sleep(0.03)
             produce(messages - sent)

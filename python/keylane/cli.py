@@ -22,6 +22,7 @@ import trio
 
 import keylane
 from keylane.bench.command import bench
+from keylane.lab.command import lab
 
 ENV_PREFIX = "KEYLANE"
 
@@ -364,6 +365,7 @@ def dlq_replay(
 
 
 main.add_command(bench)
+main.add_command(lab)
 
 
 def run() -> None:

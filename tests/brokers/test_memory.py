@@ -154,6 +154,79 @@ async def test_two_members_split_and_hand_over_after_release() -> None:
         await a.commit({tp(1): 0})
 
 
+@pytest.mark.parametrize(
+    ("assignor", "members", "partitions", "expected"),
+    [
+        ("round-robin", 3, 7, [[0, 3, 6], [1, 4], [2, 5]]),
+        ("range", 3, 7, [[0, 1, 2], [3, 4], [5, 6]]),
+        ("range", 3, 2, [[0], [1], []]),
+        ("range", 2, 12, [list(range(6)), list(range(6, 12))]),
+    ],
+)
+async def test_assignors_split_partitions(
+    assignor: str, members: int, partitions: int, expected: list[list[int]]
+) -> None:
+    b = MemoryBroker(partitions=partitions, assignor=assignor)  # type: ignore[arg-type]
+    cs = [b.consumer("g", [T]) for _ in range(members)]
+    for c in cs:
+        await c.join()
+    for _ in range(3):  # revokes released, handovers fetched
+        for c in cs:
+            f = await c.fetch(0, 0)
+            await c.release(f.revoked)
+    assert [sorted(p.partition for p in c.assignment()) for c in cs] == expected
+
+
+def test_bad_assignor_is_refused() -> None:
+    with pytest.raises(keylane.ConfigError, match="assignor"):
+        MemoryBroker(assignor="sticky")  # type: ignore[arg-type]
+
+
+def test_produce_batch_with_and_without_idempotence() -> None:
+    b = MemoryBroker(partitions=2)
+    b.create_topic(T, 2)
+    assert b.produce_batch(T, 1, [("k", b"1"), ("k", b"2")]) == 2
+    assert b.produce_batch(T, 1, [("k", b"1"), ("k", b"2")]) == 2  # a plain retry duplicates
+    assert [m.value for m in b.records(T, 1)] == [b"1", b"2", b"1", b"2"]
+    # Idempotent: per producer and partition, numbered from 0.
+    assert b.produce_batch(T, 0, [("a", b"x"), ("a", b"y")], producer_id=7, sequence=0) == 2
+    assert b.produce_batch(T, 0, [("a", b"x"), ("a", b"y")], producer_id=7, sequence=0) == 0
+    with pytest.raises(keylane.BrokerError, match="expected 2") as refused:
+        b.produce_batch(T, 0, [("a", b"w")], producer_id=7, sequence=3)
+    assert refused.value.retriable and refused.value.code == "OUT_OF_ORDER_SEQUENCE_NUMBER"
+    assert b.produce_batch(T, 0, [("a", b"z")], producer_id=7, sequence=2) == 1
+    assert b.produce_batch(T, 0, [("a", b"q")], producer_id=8, sequence=0) == 1  # another producer
+    assert [m.value for m in b.records(T, 0)] == [b"x", b"y", b"z", b"q"]
+    with pytest.raises(keylane.InvalidArgument, match="go together"):
+        b.produce_batch(T, 0, [("a", b"x")], producer_id=7)
+    with pytest.raises(keylane.InvalidArgument, match="no partition 5"):
+        b.produce_batch(T, 5, [("a", b"x")])
+
+
+async def test_set_paused_and_offset_lookups() -> None:
+    b = MemoryBroker(partitions=2)
+    for i, ts in enumerate([10.0, 20.0, 30.0]):
+        b.produce(T, value=str(i), partition=0, timestamp=ts)
+    b.produce(T, value="p1", partition=1, timestamp=5.0)
+    c = b.consumer("g", [T])
+    await c.join()
+    c.set_paused([tp(0)])
+    f = await c.fetch(10, 0)
+    assert [(t.partition, len(r)) for t, r in f.chunks] == [(1, 1)]
+    assert f.partitions == {T: 2}
+    c.set_paused([])
+    f = await c.fetch(10, 0)
+    assert [(t.partition, len(r)) for t, r in f.chunks] == [(0, 3)]
+    found = await c.offsets_for_times({tp(0): 20.0, tp(1): 6.0})
+    assert found == {tp(0): 1, tp(1): 1}
+    assert await c.offsets_for_times({tp(0): 20.5}) == {tp(0): 2}
+    assert await c.committed_offsets([tp(0), tp(1)]) == {tp(0): 0, tp(1): 0}
+    await c.commit({tp(0): 2})
+    assert await c.committed_offsets([tp(0)]) == {tp(0): 2}
+    with pytest.raises(keylane.InvalidArgument, match="no partition 9"):
+        await c.committed_offsets([tp(9)])
+
+
 async def test_a_leaving_member_hands_over_at_once() -> None:
     b = MemoryBroker(partitions=2)
     a, c = b.consumer("g", [T]), b.consumer("g", [T])

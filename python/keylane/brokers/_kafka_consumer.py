@@ -444,6 +444,8 @@ class KafkaConsumer:
                 raw = c.consume(n, max(0.0, min(_CONSUME_SLICE, left)))
                 if raw or left <= _CONSUME_SLICE:
                     break
+            if not self._counts_at:
+                self._refresh_counts(c)
             chunks = convert(raw, self._errors)
             if chunks:
                 # End offsets only feed the lag gauge while records flow:
@@ -551,10 +553,11 @@ class KafkaConsumer:
 
     def _on_assign(self, _c: object, partitions: list[confluent_kafka.TopicPartition]) -> None:
         tps = {TopicPartition(p.topic, p.partition) for p in partitions}
-        if tps and self._c is not None:
-            # Before any record of a new partition: the runtime must know
-            # the count it was placed by.
-            self._refresh_counts(self._c)
+        if tps:
+            # Asked when consume() returns (a client call made inside a
+            # callback corrupts confluent-kafka's per-thread call state), still
+            # before the hop hands the partitions' records to the runtime.
+            self._counts_at = 0.0
         with self._lock:
             self._seen_assignment = True
             for tp in tps:

@@ -184,6 +184,8 @@ class MemoryBroker:
         self._round_robin: dict[str, itertools.count[int]] = {}
         self._groups: dict[str, _Group] = {}
         self._member_ids = itertools.count(1)
+        # Idempotent producers: (producer id, topic, partition) -> next sequence.
+        self._sequences: dict[tuple[int, str, int], int] = {}
         # Set (and dropped) on every change; created only when a fetch waits.
         self._changed: trio.Event | None = None
         self._closed = False
@@ -289,6 +291,49 @@ class MemoryBroker:
         log_.append(message)
         self._signal()
         return message
+
+    def produce_batch(
+        self,
+        topic: str,
+        partition: int,
+        records: Sequence[tuple[KeyLike | None, ValueLike]],
+        *,
+        producer_id: int | None = None,
+        sequence: int | None = None,
+    ) -> int:
+        """Appends ``records`` to one partition as one produce request (all
+        or nothing) and returns how many were appended.
+
+        With ``producer_id`` and ``sequence`` (the number of the batch's
+        first record, counted per producer and partition from 0) the broker
+        applies Kafka's idempotent-producer rules: a batch already appended
+        (a retry whose first attempt did land) is acknowledged and not
+        appended again (returns 0); a batch that skips ahead of the next
+        expected number is refused with a retriable ``BrokerError``
+        (``OUT_OF_ORDER_SEQUENCE_NUMBER``): the producer resends the
+        earlier batch first. So retries can neither duplicate nor reorder.
+        """
+        logs = self._topic(topic)
+        if not 0 <= partition < len(logs):
+            raise InvalidArgument(f"{topic} has no partition {partition}")
+        if (producer_id is None) != (sequence is None):
+            raise InvalidArgument("producer_id and sequence go together")
+        if producer_id is not None and sequence is not None:
+            slot = (producer_id, topic, partition)
+            expected = self._sequences.get(slot, 0)
+            if sequence < expected:
+                return 0
+            if sequence > expected:
+                raise BrokerError(
+                    f"{topic}/{partition}: producer {producer_id} sent sequence {sequence}, "
+                    f"expected {expected}",
+                    retriable=True,
+                    code="OUT_OF_ORDER_SEQUENCE_NUMBER",
+                )
+            self._sequences[slot] = expected + len(records)
+        for key, value in records:
+            self.produce(topic, key, value, partition=partition)
+        return len(records)
 
     async def flush(self) -> None:
         """Records are stored as soon as ``produce`` returns; with

@@ -18,6 +18,17 @@ from keylane.lab.ledger import VALUE, Ledger
 from keylane.message import Message
 
 
+async def poll_until(done: Callable[[], bool], *, limit: float, what: str) -> None:
+    """Waits until ``done()``, looking every 20 ms; ``TimeoutError`` past
+    ``limit`` seconds. For states no event announces (a broker's committed
+    offsets, an App's counters)."""
+    with trio.move_on_after(limit) as scope:
+        while not done():  # noqa: ASYNC110 - nothing to wait on but the state itself
+            await trio.sleep(0.02)
+    if scope.cancelled_caught:
+        raise TimeoutError(f"{what} did not happen within {limit:.0f}s")
+
+
 class Group:
     """``members`` Apps of group ``group`` on ``topic``; ``app_options`` go
     to every App. Each handler waits ``work`` seconds (drawn per message,

@@ -68,6 +68,8 @@ def _run(opts: Options, mode: str, assignor: str) -> Row:
         fetch_max=250,
         commit_interval=0.2,
         shutdown_timeout=10,
+        # The lab's Kafka clients refresh metadata every 0.5 s.
+        repartition_grace=1.0 if broker.kafka else None,
     )
     grown_at: list[float] = []
 
