@@ -193,7 +193,8 @@ def test_produce_batch_with_and_without_idempotence() -> None:
     assert b.produce_batch(T, 0, [("a", b"x"), ("a", b"y")], producer_id=7, sequence=0) == 0
     with pytest.raises(keylane.BrokerError, match="expected 2") as refused:
         b.produce_batch(T, 0, [("a", b"w")], producer_id=7, sequence=3)
-    assert refused.value.retriable and refused.value.code == "OUT_OF_ORDER_SEQUENCE_NUMBER"
+    assert refused.value.retriable
+    assert refused.value.code == "OUT_OF_ORDER_SEQUENCE_NUMBER"
     assert b.produce_batch(T, 0, [("a", b"z")], producer_id=7, sequence=2) == 1
     assert b.produce_batch(T, 0, [("a", b"q")], producer_id=8, sequence=0) == 1  # another producer
     assert [m.value for m in b.records(T, 0)] == [b"x", b"y", b"z", b"q"]
