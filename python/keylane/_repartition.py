@@ -22,8 +22,8 @@ committed offsets, timestamps), so it works whichever member owns p.
 
 Held records are kept here, outside the dispatcher, so they block nothing:
 a key's older records on the old partition (fetched by this member or
-another) run meanwhile. A key with held records has its later records
-held behind them (in order), and released records enter the dispatcher
+another) run meanwhile. A key with held records on a partition has its
+later records there held behind them (in order), and released records enter the dispatcher
 before any later record of their key. The runtime never commits a
 partition past a held record, or past a released one not yet done.
 """
@@ -120,8 +120,8 @@ class Repartition:
         # the feeder's check is one dict lookup).
         self.changes: dict[str, list[Change]] = {}
         self.waits: dict[tuple[int, TopicPartition], _Wait] = {}
-        # Held records per key, in order.
-        self.held: dict[tuple[str, bytes], deque[Held]] = {}
+        # Held records per key and partition (id), in order.
+        self.held: dict[tuple[bytes, int], deque[Held]] = {}
         # Held records per dispatcher partition id (pausing, revokes, commits).
         self.held_by_part: dict[int, int] = {}
         self.holding = 0
@@ -153,7 +153,8 @@ class Repartition:
 
     def divert(self, msg: Message, tpid: int) -> bool:
         """Holds ``msg`` (and returns True) if its key moved and its past is
-        not committed yet, or if its key has records held already."""
+        not committed yet, or if its key has records held already on the
+        same partition."""
         key = msg.key
         if key is None:
             return False
@@ -168,11 +169,14 @@ class Repartition:
             w = self._wait(change, TopicPartition(topic, old))
             if due > w.clear_before:
                 needs.append((w, due))
-        queue = self.held.get((topic, key))
+        # Behind the key's held records on this partition only: its records
+        # on an old partition are its past (or a late producer's), and
+        # holding them would hold what the others wait for.
+        queue = self.held.get((key, tpid))
         if not needs and queue is None:
             return False
         if queue is None:
-            queue = self.held[(topic, key)] = deque()
+            queue = self.held[(key, tpid)] = deque()
         queue.append(Held(msg, tpid, needs, time.perf_counter()))
         self.held_by_part[tpid] = self.held_by_part.get(tpid, 0) + 1
         self.holding += 1

@@ -44,17 +44,20 @@ COUNTERS = (
 class Histogram:
     """Cumulative-bucket histogram of seconds."""
 
-    __slots__ = ("count", "counts", "sum")
+    __slots__ = ("count", "counts", "max", "sum")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BUCKETS) + 1)
         self.sum = 0.0
         self.count = 0
+        self.max = 0.0
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
         self.sum += seconds
         self.count += 1
+        if seconds > self.max:
+            self.max = seconds
 
     def quantile(self, q: float) -> float | None:
         """Upper bound of the bucket holding quantile ``q``."""

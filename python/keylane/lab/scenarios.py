@@ -44,8 +44,9 @@ def verdict(rows: list[Row]) -> str:
         held = "held" if worst_on.harm == 0 else "FAILED"
         parts.append(f"protected, {worst_on.harm} harmed in the worst row: defence {held}")
         if worst_off is not None and worst_off.throughput:
-            ratio = on[-1].throughput / worst_off.throughput
-            parts.append(f"(throughput {ratio:.2f}x of the unprotected row)")
+            fastest = max(on, key=lambda r: r.throughput)
+            ratio = fastest.throughput / worst_off.throughput
+            parts.append(f"(fastest protected row: {ratio:.2f}x the unprotected throughput)")
     lost = sum(r.lost for r in rows)
     parts.append(f"; lost {lost}")
     return " ".join(parts).replace(" ;", ";")

@@ -41,6 +41,8 @@ def open_broker(opts: Options, *, partitions: int, **memory_options: Any) -> Lab
     """A fresh broker for one row (MemoryBroker), or the Kafka cluster."""
     if opts.broker == "memory":
         return LabBroker(MemoryBroker(partitions, **memory_options), kafka=False)
+    # (Kafka: "range" is Kafka's range assignor; anything else keylane's
+    # default, cooperative-sticky.)
     if opts.broker.startswith("kafka://"):
         from keylane.brokers.kafka import KafkaBroker
 
