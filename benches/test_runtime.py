@@ -168,6 +168,27 @@ def test_dedupe_cost(perf: Perf, tmp_path: pathlib.Path) -> None:
     assert all(s["duplicates_skipped"] == 0 for s in rounds.stats["dedupe"])
 
 
+def test_repartition_hold_cost(perf: Perf) -> None:
+    """The App with the repartition defence on (the default) against the
+    same run with it off, no growth: what watching for one costs every
+    message (a partition count per fetch, a room check per feeder turn).
+    No target; the figure is in docs/benchmarks.md so a regression shows."""
+
+    def options(name: str) -> Callable[[int], AbstractContextManager[dict[str, Any]]]:
+        @contextlib.contextmanager
+        def setup(_: int) -> Iterator[dict[str, Any]]:
+            yield {"repartition": name}
+
+        return setup
+
+    w = Workload(messages=400_000)
+    rounds = alternate_rounds(w, {"hold": options("hold"), "off": options("off")})
+    group = "repartition= (no-op handler, no growth)"
+    rounds.report(perf, group)
+    perf.figure(group, "throughput hold/off", rounds.ratio("hold", "off"))
+    assert all(s["repartition_held"] == 0 for s in rounds.stats["hold"])
+
+
 def test_journal_in_the_runtime(perf: Perf, tmp_path: pathlib.Path) -> None:
     """Issue #13: what the version table's journal buys on the product
     path. The same App run (versions=, no-op handler, 400,000 messages over

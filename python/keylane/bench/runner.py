@@ -15,7 +15,7 @@ import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -99,12 +99,14 @@ def keylane_round(
     versions: VersionTable | str | os.PathLike[str] | None = None,
     stats: dict[str, Any] | None = None,
     dedupe: bool = False,
+    repartition: Literal["hold", "off"] | None = None,
 ) -> float:
     """One timed run of keylane over the workload as consumer group
     ``group``; with ``versions``, a version table there checks and records
     every message (its offset as its version: always new); with ``dedupe``
     too, every message's id (partition and offset: always new) is checked
-    and recorded instead."""
+    and recorded instead. ``repartition``: the App's option (default: the
+    App's)."""
     app = App(
         broker,
         topics=[topic],
@@ -115,6 +117,7 @@ def keylane_round(
         version_of=_offset_version if versions is not None and not dedupe else None,
         dedupe=dedupe or None,
         id_of=_offset_id if dedupe else None,
+        repartition=repartition,
     )
     app.handler(w.handler())
     run = functools.partial(app.run, until_idle=True, handle_signals=False)
