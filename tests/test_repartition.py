@@ -31,6 +31,7 @@ async def grow_mid_stream(
     seed: int = 1,
     leave_at_growth: bool = False,
     late_producer: float = 0.0,
+    join_after_growth: float | None = None,
     only_keys: list[int] | None = None,
     **options: Any,
 ) -> tuple[Ledger, Group, dict[int, int]]:
@@ -41,7 +42,8 @@ async def grow_mid_stream(
     lands in the middle of that rebalance (partitions being revoked,
     drained and handed over). With ``late_producer`` seconds, production
     goes on placing keys by the old count that long after the growth (a
-    producer whose metadata is stale)."""
+    producer whose metadata is stale). With ``join_after_growth`` one more
+    member joins that long after the growth (it never saw the old count)."""
     broker = keylane.MemoryBroker(6, assignor=assignor)  # type: ignore[arg-type]
     broker.create_topic(T, 6)
     rng = random.Random(seed)
@@ -76,6 +78,13 @@ async def grow_mid_stream(
     leaving = Group(
         broker, T, "g", 1, work=group.work, seed=seed, ledger=group.ledger, **app_options
     )
+    late = Group(broker, T, "g", 1, work=group.work, seed=seed, ledger=group.ledger, **app_options)
+    group.late = late  # type: ignore[attr-defined]
+
+    async def join_later(nursery: trio.Nursery, delay: float) -> None:
+        await trio.sleep(delay)
+        await late.start(nursery)
+
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             produce(messages // 3)
@@ -91,10 +100,13 @@ async def grow_mid_stream(
                         await trio.lowlevel.checkpoint()
                     broker.add_partitions(T, 12)
                     stale_until = trio.current_time() + late_producer
+                    if join_after_growth is not None:
+                        nursery.start_soon(join_later, nursery, join_after_growth)
                 await trio.sleep(0.03)
             produce(messages - sent)
             await group.wait_applied(messages, limit=100)
             group.stop()
+            late.stop()
     return group.ledger, group, produced
 
 
@@ -147,6 +159,40 @@ async def test_a_grace_period_holds_moved_keys_longer_and_still_keeps_order() ->
     ledger, group, produced = await grow_mid_stream(repartition_grace=0.5)
     assert_kept_order(ledger, produced)
     assert group.counter("repartition_held") > 0
+
+
+async def test_a_member_joining_after_the_growth_learns_it_from_commit_metadata() -> None:
+    # It never sees the old count: the members that did note the growth in
+    # their commits' metadata, and it holds its moved keys as they do.
+    ledger, group, produced = await grow_mid_stream(join_after_growth=0.3, messages=6000)
+    assert_kept_order(ledger, produced)
+    late: Group = group.late  # type: ignore[attr-defined]
+    assert late.counter("repartition_held") > 0
+
+
+def test_growth_notes_round_trip_and_bad_ones_are_ignored() -> None:
+    from keylane._repartition import Repartition
+
+    def fresh() -> Repartition:
+        return Repartition(
+            None, None, keylane.metrics.Metrics(), grace=0.0, group="g", release=print
+        )  # type: ignore[arg-type]
+
+    seen = fresh()
+    seen.observe({"t": 6})
+    seen.observe({"t": 12})
+    note = seen.note()
+    assert note.startswith("keylane:repartition:1:")
+    joiner = fresh()
+    bad = ["", "x", "keylane:repartition:1:{", 'keylane:repartition:1:[["t",12,6,1.0]]',
+           'keylane:repartition:1:[["t",true,12,1.0]]', "keylane:repartition:1:5"]  # fmt: skip
+    joiner.learn([*bad, note, note], {"t": 12})
+    assert [(c.old, c.new) for c in joiner.changes["t"]] == [(6, 12)]
+    assert joiner.counts == {"t": 12}
+    assert fresh().note() == ""
+    ignored = fresh()
+    ignored.learn(bad, {"t": 12})
+    assert ignored.changes == {}
 
 
 async def test_a_late_producer_within_the_grace_keeps_order() -> None:

@@ -31,7 +31,9 @@ partition past a held record, or past a released one not yet done.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -58,6 +60,35 @@ _POLL_OPEN = 0.5
 # Lookups per poll at most when narrowing down which held records may go.
 _ROUNDS = 4
 _POSITIVE = 0x7FFFFFFF
+# Commit metadata carrying open changes: this prefix, then JSON rows
+# [topic, old count, new count, until]; at most this long.
+_NOTE = "keylane:repartition:1:"
+_NOTE_MAX = 4000
+
+
+def _parse(text: str) -> list[tuple[str, int, int, float]]:
+    if not text.startswith(_NOTE):
+        return []
+    try:
+        rows = json.loads(text[len(_NOTE) :])
+    except ValueError:
+        return []
+    if not isinstance(rows, list):
+        return []
+    return [(row[0], row[1], row[2], float(row[3])) for row in rows if _valid(row)]
+
+
+def _valid(row: object) -> bool:
+    return (
+        isinstance(row, list)
+        and len(row) == 4
+        and isinstance(row[0], str)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in row[1:3])
+        and 0 < row[1] < row[2]
+        and isinstance(row[3], (int, float))
+        and not isinstance(row[3], bool)
+        and math.isfinite(row[3])
+    )
 
 
 @dataclasses.dataclass(eq=False)
@@ -148,6 +179,50 @@ class Repartition:
                 n,
             )
             self.wake.set()
+
+    # ---- sharing what was seen ------------------------------------------------------------
+
+    def note(self) -> str:
+        """The open changes, for the metadata of this member's commits: a
+        member that joins during a transition reads them (``learn``) instead
+        of taking the grown count for the only one there was."""
+        if not self.changes:
+            return ""
+        rows = [[c.topic, c.old, c.new, c.until] for cs in self.changes.values() for c in cs]
+        text = _NOTE + json.dumps(rows, separators=(",", ":"))
+        while len(text) > _NOTE_MAX and rows:
+            rows.pop(0)  # the oldest first: Kafka keeps 4 KiB of metadata
+            text = _NOTE + json.dumps(rows, separators=(",", ":"))
+        return text
+
+    def learn(self, notes: Iterable[str], counts: Mapping[str, int]) -> None:
+        """Takes the changes other members noted in their commits, for
+        topics this member has not seen a count of yet, then ``counts`` as
+        their count now. A note that cannot be read is ignored."""
+        known = {(c.topic, c.old, c.new) for cs in self.changes.values() for c in cs}
+        found: dict[tuple[str, int, int], float] = {}
+        for text in notes:
+            for topic, old, new, until in _parse(text):
+                if topic in counts and topic not in self.counts and new <= counts[topic]:
+                    key = (topic, old, new)
+                    found[key] = max(found.get(key, until), until)
+        for (topic, old, new), until in sorted(found.items(), key=lambda kv: kv[0][1]):
+            if (topic, old, new) in known:
+                continue
+            change = Change(topic, old, new, until - self.grace, until, set(range(old)))
+            self.changes.setdefault(topic, []).append(change)
+            log.warning(
+                "group %s: topic %s grew from %d to %d partitions (noted by another member); "
+                "records of keys that moved are held until their old partition's earlier "
+                "records are committed",
+                self.group,
+                topic,
+                old,
+                new,
+            )
+            self.wake.set()
+        for topic, n in counts.items():
+            self.counts.setdefault(topic, n)
 
     # ---- the feeder's check ----------------------------------------------------------------
 

@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -393,6 +393,29 @@ class Run:
             self.metrics.counters["consumed"] += accepted
             self._wake(accepted)
 
+    async def _learn_growths(self, counts: Mapping[str, int]) -> None:
+        """Reads the growths other members noted in their commits (see
+        ``Repartition.note``): on the first counts, and whenever partitions
+        are assigned (their previous owner committed before releasing)."""
+        assert self.rp is not None
+        tps = [TopicPartition(t, p) for t, n in counts.items() for p in range(n)]
+        try:
+            notes = await self.calls.retrying(
+                "committed_metadata",
+                self.consumer.committed_metadata,
+                tps,
+                give_up_after=self.app.broker_timeout,
+            )
+        except BrokerError as e:
+            log.warning(
+                "group %s: cannot read other members' notes of topic growths (%s); going on "
+                "with what this member sees",
+                self.app.group,
+                e,
+            )
+            notes = {}
+        self.rp.learn(notes.values(), counts)
+
     def _pause_held(self) -> int:
         """Keeps held records from taking all the memory, and returns how
         much room the next fetch may use.
@@ -450,6 +473,8 @@ class Run:
 
     async def _rebalance(self, fetch: Fetch) -> None:
         if self.rp is not None and fetch.partitions:
+            if fetch.assigned or any(t not in self.rp.counts for t in fetch.partitions):
+                await self._learn_growths(fetch.partitions)
             self.rp.observe(fetch.partitions)
         if fetch.lost:
             ids = [self.tp_ids[tp] for tp in fetch.lost if tp in self.tp_ids]
@@ -897,8 +922,9 @@ class Run:
             if not offsets:
                 await self.calls.call("heartbeat", self.consumer.heartbeat)
                 return
+            note = self.rp.note() if self.rp is not None else ""
             await self.calls.retrying(
-                "commit", self.consumer.commit, offsets, give_up_after=give_up_after
+                "commit", self.consumer.commit, offsets, note, give_up_after=give_up_after
             )
             for tp, offset in offsets.items():
                 self.committed[self.tp_ids[tp]] = offset

@@ -371,3 +371,21 @@ async def test_fetch_reports_partition_counts_and_their_growth(harness: Harness)
     for f in fetches:
         if any(tp.partition >= 2 for tp in f.assigned):
             assert f.partitions[topic] == 4
+
+
+async def test_commit_metadata_is_readable_by_any_member(harness: Harness) -> None:
+    topic = harness.topic(2)
+    p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    harness.broker.produce(topic, value="x", partition=0)
+    harness.flush()
+    group = unique("group")
+    owner = harness.consumer(group, [topic])
+    await owner.join()
+    await fetch_until(owner, lambda fs: len(assigned(fs)) == 2, bound=harness.join_bound)
+    await owner.commit({p0: 1}, "keylane:repartition:1:[]")
+    asker = harness.consumer(group, [topic], new_client=True)
+    with trio.fail_after(harness.join_bound):
+        assert await asker.committed_metadata([p0, p1]) == {p0: "keylane:repartition:1:[]", p1: ""}
+    await owner.commit({p0: 1})  # no metadata: clears it
+    with trio.fail_after(harness.join_bound):
+        assert await asker.committed_metadata([p0]) == {p0: ""}

@@ -123,8 +123,8 @@ class _StampedConsumer:
                     stamps[p, msg.offset] = now
         return fetch
 
-    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        await self._inner.commit(offsets)
+    async def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None:
+        await self._inner.commit(offsets, metadata)
 
     async def heartbeat(self) -> None:
         await self._inner.heartbeat()
@@ -139,6 +139,11 @@ class _StampedConsumer:
         self, partitions: Collection[TopicPartition]
     ) -> dict[TopicPartition, int]:
         return await self._inner.committed_offsets(partitions)
+
+    async def committed_metadata(
+        self, partitions: Collection[TopicPartition]
+    ) -> dict[TopicPartition, str]:
+        return await self._inner.committed_metadata(partitions)
 
     async def offsets_for_times(
         self, times: Mapping[TopicPartition, float]

@@ -38,7 +38,7 @@ from keylane.brokers._kafka_common import (
 from keylane.brokers._kafka_lookup import Lookup, partition_counts
 from keylane.brokers._kafka_records import Batch, convert, watermarks
 from keylane.brokers.base import Fetch, TopicPartition
-from keylane.errors import InvalidArgument, NotAssigned, UnknownTopic
+from keylane.errors import InvalidArgument, InvalidType, NotAssigned, UnknownTopic
 from keylane.message import Message
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ class KafkaConsumer:
                 self._carry.setdefault(tp, []).extend(records)
         return batch.at_end
 
-    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+    async def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None:
         if self._c is None:
             raise InvalidArgument("consumer has not joined its group (call join() first)")
         with self._lock:
@@ -228,7 +228,9 @@ class KafkaConsumer:
                 f"{', '.join(f'{tp.topic}/{tp.partition}' for tp in sorted(foreign))}; "
                 "it was reassigned in a rebalance"
             )
-        ktps = [_KTP(tp.topic, tp.partition, off) for tp, off in offsets.items()]
+        if not isinstance(metadata, str):
+            raise InvalidType(f"metadata must be a str, not {type(metadata).__name__}")
+        ktps = [_KTP(tp.topic, tp.partition, off, metadata=metadata) for tp, off in offsets.items()]
         request: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
             self._requests.append((ktps, request))
@@ -303,6 +305,11 @@ class KafkaConsumer:
         self, partitions: Collection[TopicPartition]
     ) -> dict[TopicPartition, int]:
         return await self._lookup.committed(partitions)
+
+    async def committed_metadata(
+        self, partitions: Collection[TopicPartition]
+    ) -> dict[TopicPartition, str]:
+        return await self._lookup.committed_metadata(partitions)
 
     async def offsets_for_times(
         self, times: Mapping[TopicPartition, float]

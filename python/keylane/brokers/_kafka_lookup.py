@@ -57,6 +57,12 @@ class Lookup:
     async def committed(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
         return await self._broker._in_thread(self._committed, list(partitions), abandon=True)
 
+    async def committed_metadata(
+        self, partitions: Collection[TopicPartition]
+    ) -> dict[TopicPartition, str]:
+        found = await self._broker._in_thread(self._fetch_committed, list(partitions), abandon=True)
+        return {TopicPartition(k.topic, k.partition): k.metadata or "" for k in found}
+
     async def offsets_for_times(
         self, times: Mapping[TopicPartition, float]
     ) -> dict[TopicPartition, int]:
@@ -68,27 +74,33 @@ class Lookup:
                 self._c.close()
                 self._c = None
 
-    def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    def _fetch_committed(self, tps: list[TopicPartition]) -> list[confluent_kafka.TopicPartition]:
         timeout = self._broker.timeout
         deadline = time.monotonic() + timeout
         with self._lock:
             c = self._client()
             ktps = [_KTP(tp.topic, tp.partition) for tp in tps]
+            while True:
+                try:
+                    found: list[confluent_kafka.TopicPartition] = c.committed(ktps, timeout=timeout)
+                    return found
+                except confluent_kafka.KafkaException as e:  # noqa: PERF203 - a retry loop
+                    # A group nobody joined yet has no coordinator loaded:
+                    # asked again, within the bound.
+                    err = e.args[0] if e.args else None
+                    retriable = isinstance(err, confluent_kafka.KafkaError) and (
+                        err.retriable() or err.code() in _COORDINATOR_MOVING
+                    )
+                    if not retriable or time.monotonic() > deadline:
+                        raise from_exception(e, "committed offsets") from None
+                    time.sleep(0.1)
+
+    def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        timeout = self._broker.timeout
+        found = self._fetch_committed(tps)
+        with self._lock:
+            c = self._client()
             try:
-                while True:
-                    try:
-                        found = c.committed(ktps, timeout=timeout)
-                        break
-                    except confluent_kafka.KafkaException as e:
-                        # A group nobody joined yet has no coordinator
-                        # loaded: asked again, within the bound.
-                        err = e.args[0] if e.args else None
-                        retriable = isinstance(err, confluent_kafka.KafkaError) and (
-                            err.retriable() or err.code() in _COORDINATOR_MOVING
-                        )
-                        if not retriable or time.monotonic() > deadline:
-                            raise
-                        time.sleep(0.1)
                 out = {}
                 for k in found:
                     tp = TopicPartition(k.topic, k.partition)

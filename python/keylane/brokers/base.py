@@ -101,9 +101,11 @@ class Consumer(Protocol):
         to ``max_wait`` seconds when there is nothing to return."""
         ...
 
-    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Commits next-offset-to-read per partition. Raises ``NotAssigned``
-        for partitions this member does not own."""
+    async def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None:
+        """Commits next-offset-to-read per partition, with ``metadata``
+        stored beside each offset (Kafka's commit metadata; the runtime
+        notes topic growths still in transition there). Raises
+        ``NotAssigned`` for partitions this member does not own."""
         ...
 
     async def heartbeat(self) -> None:
@@ -125,6 +127,13 @@ class Consumer(Protocol):
     ) -> dict[TopicPartition, int]:
         """The group's committed offset (next to read) of each partition,
         whichever member owns it; the log start where nothing is committed."""
+        ...
+
+    async def committed_metadata(
+        self, partitions: Collection[TopicPartition]
+    ) -> dict[TopicPartition, str]:
+        """The metadata committed with each partition's offset, whichever
+        member committed it ("" where there is none)."""
         ...
 
     async def offsets_for_times(

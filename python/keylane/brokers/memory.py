@@ -133,6 +133,8 @@ class _Group:
     # Partition → member it goes to once its current owner releases it.
     pending: dict[TopicPartition, str] = dataclasses.field(default_factory=dict)
     committed: dict[TopicPartition, int] = dataclasses.field(default_factory=dict)
+    # Commit metadata (not persisted: the next commit writes it again).
+    metadata: dict[TopicPartition, str] = dataclasses.field(default_factory=dict)
 
 
 class MemoryBroker:
@@ -626,7 +628,7 @@ class MemoryConsumer:
         counts = {t: len(b._logs[t]) for t in m.topics if t in b._logs}
         return Fetch(chunks, assigned, revoked, lost, ends, at_end, settled, counts)
 
-    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+    async def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None:
         b = self._broker
         faults = b.faults
         if faults.stall or faults.commit_error:
@@ -641,7 +643,10 @@ class MemoryConsumer:
             end = len(b._logs[tp.topic][tp.partition])
             if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= end:
                 raise InvalidArgument(f"offset {offset!r} for {tp} is outside 0..{end}")
+        if not isinstance(metadata, str):
+            raise InvalidType(f"metadata must be a str, not {type(metadata).__name__}")
         g.committed.update(offsets)
+        g.metadata.update(dict.fromkeys(offsets, metadata))
         b._persist_offsets()
         await trio.lowlevel.checkpoint()
 
@@ -680,6 +685,18 @@ class MemoryConsumer:
         for tp in partitions:
             b._check_partition(tp)
             out[tp] = committed.get(tp, 0)
+        await trio.lowlevel.checkpoint()
+        return out
+
+    async def committed_metadata(
+        self, partitions: Collection[TopicPartition]
+    ) -> dict[TopicPartition, str]:
+        b = self._broker
+        metadata = b._group(self._group_name).metadata
+        out = {}
+        for tp in partitions:
+            b._check_partition(tp)
+            out[tp] = metadata.get(tp, "")
         await trio.lowlevel.checkpoint()
         return out
 

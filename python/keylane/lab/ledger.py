@@ -6,6 +6,8 @@ import dataclasses
 import struct
 from typing import Any
 
+import trio
+
 # Key index and sequence number within the key, carried in every value.
 VALUE = struct.Struct("<II")
 
@@ -69,6 +71,9 @@ class Ledger:
         self.overlaps = 0
         self.count = 0
         self.distinct = 0
+        # Set once ``distinct`` reaches ``target`` (whichever member applied).
+        self.target = 0
+        self.reached = trio.Event()
 
     def start(self, key: int) -> None:
         n = self.running.get(key, 0)
@@ -87,6 +92,8 @@ class Ledger:
             return
         seen.add(seq)
         self.distinct += 1
+        if self.target and self.distinct >= self.target:
+            self.reached.set()
         if seq < self.top.get(key, -1):
             self.inversions += 1
         else:

@@ -58,8 +58,6 @@ class Group:
         for app in self.apps:
             app.handler(self.handle)
         self.started = 0.0
-        self.target = 0
-        self.all_applied = trio.Event()
 
     async def handle(self, msg: Message) -> None:
         key, seq = VALUE.unpack_from(msg.value)
@@ -72,8 +70,6 @@ class Group:
                 if done is not None:
                     await done
             ledger.apply(key, seq)
-            if self.target and ledger.distinct >= self.target:
-                self.all_applied.set()
         finally:
             ledger.end(key)
 
@@ -87,10 +83,11 @@ class Group:
         """Waits until ``total`` distinct messages were applied; returns
         the seconds since ``start``. Raises ``TimeoutError`` past ``limit``
         seconds (a defence that deadlocked must not hang the lab)."""
-        self.target = total
-        if self.ledger.distinct < total:
+        ledger = self.ledger
+        ledger.target = total
+        if ledger.distinct < total:
             with trio.move_on_after(limit) as scope:
-                await self.all_applied.wait()
+                await ledger.reached.wait()
             if scope.cancelled_caught:
                 raise TimeoutError(
                     f"only {self.ledger.distinct} of {total} messages applied after {limit:.0f}s"

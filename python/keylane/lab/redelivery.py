@@ -87,8 +87,9 @@ def _run(opts: Options, setting: str) -> Row:
         async with trio.open_nursery() as nursery:
             await first.start(nursery)
             # Crash after 40% was handled: nothing of it was committed yet.
-            first.target = int(0.4 * n)
-            await first.all_applied.wait()
+            ledger.target = int(0.4 * n)
+            await ledger.reached.wait()
+            ledger.reached = trio.Event()
             for app in first.apps:
                 app.abort()
             await trio.sleep(1.1)  # its session expires
