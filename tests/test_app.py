@@ -252,10 +252,78 @@ async def test_without_a_dlq_skip_gives_up_and_block_keeps_trying(
             if msg.attempt < 6:  # a dependency that comes back after a while
                 raise RuntimeError("still down")
 
-    await blocking.run(until_idle=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(blocking.run, handle_signals=False))
+        await wait_until(lambda: broker.committed("b") == {TopicPartition("payments", 0): 2})
+        blocking.stop()
     assert attempts == list(range(7)), "kept retrying past max_attempts, at backoff_max"
     assert blocking.stats()["skipped"] == 0
-    assert broker.committed("b") == {TopicPartition("payments", 0): 2}
+
+
+async def test_until_idle_with_only_blocked_keys_left_reports_them(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Once everything else is handled and committed, run(until_idle=True)
+    # does not wait forever for keys blocked by messages that fail every
+    # attempt: it stops and raises BlockedKeys naming them.
+    broker = MemoryBroker(partitions=2)
+    for i in range(40):
+        broker.produce("payments", key=f"k{i % 8}", value=b"bad" if i in (9, 10, 17) else b"ok")
+    app = make_app(broker, retry=FAST_RETRY)
+    handled: list[int] = []
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        if msg.value == b"bad":
+            raise RuntimeError("permanently broken")
+        handled.append(msg.offset)
+
+    with pytest.raises(keylane.BlockedKeys, match="2 key\\(s\\) are blocked") as raised:
+        await app.run(until_idle=True)
+    blocked = raised.value.blocked
+    # One entry per key, its oldest: 9 and 17 are both k1 (17 waits behind 9).
+    assert sorted(b["key"] for b in blocked) == [b"k1", b"k2"]
+    assert all(b["attempts"] >= FAST_RETRY.max_attempts for b in blocked)
+    assert all("permanently broken" in b["error"] for b in blocked)
+    # Every key but the blocked ones was handled, and committed up to them.
+    assert len(handled) == 40 - sum(1 for i in range(9, 40) if i % 8 in (1, 2))
+    stats = app.stats()
+    assert [(b["key"], b["offset"]) for b in stats["blocked"]] == [
+        (b["key"], b["offset"]) for b in blocked
+    ]
+    assert "blocked key(s)" in caplog.text
+    for tp, offset in broker.committed(app.group).items():
+        firsts = [b["offset"] for b in blocked if b["partition"] == tp.partition]
+        assert offset == (min(firsts) if firsts else broker.end_offsets("payments")[tp.partition])
+
+
+async def test_a_malformed_version_header_is_counted_and_named(
+    autojump_clock: trio.abc.Clock, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = MemoryBroker(partitions=1)
+    broker.produce("payments", key="a", value=b"", headers={"version": "1"})
+    broker.produce("payments", key="b", value=b"", headers={"version": "seven"})
+    broker.produce("payments", key="c", value=b"", headers={"version": "3"})
+    app = make_app(broker, versions=tmp_path / "v", on_exhausted="skip")
+    seen: list[bytes | None] = []
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        seen.append(msg.key)
+
+    await app.run(until_idle=True)
+    stats = app.stats()
+    assert (stats["failed"], stats["malformed"], stats["skipped"]) == (1, 1, 1)
+    assert seen == [b"a", b"c"]
+    assert "version header b'seven' is not a decimal integer" in caplog.text
+    # With on_exhausted="block" (the default) the key stays blocked, and
+    # until_idle says so instead of waiting forever.
+    blocking = make_app(broker, group="blocking", versions=tmp_path / "w")
+    blocking.handler(handle)
+    with pytest.raises(keylane.BlockedKeys) as raised:
+        await blocking.run(until_idle=True)
+    assert [b["key"] for b in raised.value.blocked] == [b"b"]
+    assert blocking.stats()["malformed"] >= 1
 
 
 async def test_dlq_replay_is_rate_limited_and_stale_versions_are_dropped(

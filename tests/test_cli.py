@@ -240,6 +240,16 @@ NODLQ_SERVICE = textwrap.dedent(
         seen.append(msg.value)
 
     nohandler = keylane.App(broker, topics=["jobs"], group="g2")
+
+    stuck = keylane.App(
+        broker, topics=["jobs"], group="g3",
+        retry=keylane.RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=0.05),
+    )
+
+    @stuck.handler
+    async def fail_seven(msg):
+        if msg.value == b"7":
+            raise RuntimeError("seven is broken")
     """
 )
 
@@ -255,6 +265,20 @@ def test_run_takes_a_file_path_and_until_idle_returns(  # type: ignore[no-untype
     svc = sys.modules.pop("svc_file")
     assert len(svc.seen) == 30
     assert svc.app.stats()["handled"] == 30
+
+
+def test_run_until_idle_with_a_blocked_key_exits_1_naming_it(  # type: ignore[no-untyped-def]
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "svc_stuck.py").write_text(NODLQ_SERVICE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    result = invoke(["run", "svc_stuck.py:stuck", "--until-idle", "--log-level", "error"])
+    sys.modules.pop("svc_stuck", None)
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: BlockedKeys: group g3: everything else is handled")
+    assert "seven is broken" in line
 
 
 def test_keylane_errors_are_one_line_and_debug_shows_the_traceback(  # type: ignore[no-untyped-def]

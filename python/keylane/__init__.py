@@ -22,6 +22,7 @@ from keylane._native import (
 from keylane.app import App, UnorderedVersionsWarning
 from keylane.brokers import Faults, MemoryBroker, TopicPartition
 from keylane.errors import (
+    BlockedKeys,
     BrokerError,
     BrokerTimeout,
     ConcurrentPushError,
@@ -45,6 +46,7 @@ from keylane.retry import RetryPolicy
 
 __all__ = [
     "App",
+    "BlockedKeys",
     "BrokerError",
     "BrokerTimeout",
     "ConcurrentPushError",

@@ -123,6 +123,11 @@ class Run:
         # Partitions being revoked, and retry backoffs in progress.
         self.draining: set[int] = set()
         self.retrying: dict[Ticket, trio.CancelScope] = {}
+        # Messages that failed every attempt and block their key
+        # (on_exhausted="block"), by (partition id, offset); and what
+        # until_idle found blocked when everything else was done.
+        self.blocked: dict[tuple[int, int], dict[str, Any]] = {}
+        self.idle_blocked: list[dict[str, Any]] = []
         self.done: list[Ticket] = []
         # When the oldest ticket in ``done`` completed (perf_counter).
         self.done_since = 0.0
@@ -315,9 +320,47 @@ class Run:
                 if len(d) == 0 and not self.done and not (self.rp and self.rp.holding):
                     log.info("group %s: idle (all assigned partitions handled)", app.group)
                     return
+                if self.blocked and self._only_blocked_left():
+                    self.idle_blocked = self._blocked_report()
+                    log.error(
+                        "group %s: idle but for %d blocked key(s) (their messages fail every "
+                        "attempt and on_exhausted='block' keeps retrying them): %s",
+                        app.group,
+                        len(self.idle_blocked),
+                        "; ".join(_describe(b) for b in self.idle_blocked[:10]),
+                    )
+                    return
                 # Everything fetched; wait for the workers, not the broker.
                 with trio.move_on_after(0.05):
                     await self.progress.park()
+
+    def _only_blocked_left(self) -> bool:
+        """Whether nothing can run but messages blocked after their last
+        attempt (each waiting out its retry) and those queued behind them:
+        nothing running, done or ready, no held record, every ticket in
+        flight a blocked one waiting, and nothing ready to pop."""
+        if self.running or self.done or self.ready or self.overflow:
+            return False
+        if self.rp is not None and self.rp.holding:
+            return False
+        waiting = sum(1 for t in self.retrying if (t.partition, t.offset) in self.blocked)
+        if self.d.in_flight != waiting:
+            return False
+        popped = self.d.pop_ready(self.batch)
+        if popped:
+            # Workers would have taken these: give them to them.
+            self.ready.extend(popped)
+            self._wake(len(popped))
+            return False
+        return True
+
+    def _blocked_report(self) -> list[dict[str, Any]]:
+        oldest: dict[tuple[str, bytes | None], dict[str, Any]] = {}
+        for b in self.blocked.values():
+            key = (b["topic"], b["key"])
+            if key not in oldest or b["offset"] < oldest[key]["offset"]:
+                oldest[key] = b
+        return sorted(oldest.values(), key=lambda b: (b["topic"], b["partition"], b["offset"]))
 
     async def _push(self, fetch: Fetch) -> int:
         entries: list[tuple[bytes | None, int, int, Message]] = []
@@ -730,6 +773,8 @@ class Run:
             if sampled:
                 metrics.handler_latency.observe(perf_counter() - started)
             counters["handled"] += 1
+            if t.attempt and self.blocked:
+                self.blocked.pop((t.partition, t.offset), None)
             if guard is not None:
                 if record_each:
                     # The effect is applied: nothing may stop its version
@@ -788,6 +833,7 @@ class Run:
         """A message no retry can help (its version or id cannot be read,
         its record cannot be decoded): straight to ``on_exhausted``."""
         self.metrics.counters["failed"] += 1
+        self.metrics.counters["malformed"] += 1
         log.warning(
             "cannot handle %s/%d@%d: %s",
             msg.topic,
@@ -813,6 +859,14 @@ class Run:
             self.metrics.counters["skipped"] += 1
             self.done.append(t)
         else:
+            self.blocked[(t.partition, t.offset)] = {
+                "topic": msg.topic,
+                "partition": msg.partition,
+                "offset": msg.offset,
+                "key": msg.key,
+                "attempts": deliveries,
+                "error": repr(error),
+            }
             log.error(
                 "%s failed %d times; its key stays blocked and it is retried every %.1fs "
                 "(on_exhausted='block'; set dlq= or on_exhausted='skip' to move on): %r",
@@ -965,4 +1019,12 @@ class Run:
             "partitions": len(self.owned),
             "member": self.consumer.member_id,
             "lag": lag,
+            "blocked": [dict(b) for b in self._blocked_report()],
         }
+
+
+def _describe(b: dict[str, Any]) -> str:
+    return (
+        f"{b['topic']}/{b['partition']}@{b['offset']} key={b['key']!r:.40} "
+        f"after {b['attempts']} attempts: {b['error']:.120}"
+    )

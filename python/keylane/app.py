@@ -30,7 +30,7 @@ from keylane._native import VersionTable
 from keylane._runtime import Run
 from keylane.brokers.base import Broker
 from keylane.dlq import replay
-from keylane.errors import ConfigError, InvalidType, KeylaneError
+from keylane.errors import BlockedKeys, ConfigError, InvalidType, KeylaneError
 from keylane.message import Message
 from keylane.metrics import Metrics, Prometheus
 from keylane.retry import RetryPolicy
@@ -296,7 +296,10 @@ class App:
         """Consumes until cancelled, ``stop()``ped, or SIGINT/SIGTERM (in the
         main thread; a second signal forces the stop). With
         ``until_idle=True``, returns once every record produced so far to its
-        partitions is handled and committed. ``task_status.started()`` is
+        partitions is handled and committed; if what is left is only keys
+        blocked by messages that fail every attempt (``on_exhausted="block"``),
+        it stops (everything else committed) and raises ``BlockedKeys``
+        naming them. ``task_status.started()`` is
         called once the App has joined its group and is consuming."""
         if self._handler is None:
             raise ConfigError("no handler: decorate an async function with @app.handler first")
@@ -311,6 +314,15 @@ class App:
         self._run = Run(self, until_idle=until_idle)
         try:
             await self._run.main(task_status, handle_signals=handle_signals)
+            blocked = self._run.idle_blocked
+            if blocked:
+                raise BlockedKeys(
+                    f"group {self.group}: everything else is handled and committed, but "
+                    f"{len(blocked)} key(s) are blocked by messages that fail every attempt "
+                    f"(on_exhausted='block'), the first at {blocked[0]['topic']}/"
+                    f"{blocked[0]['partition']}@{blocked[0]['offset']}: {blocked[0]['error']:.200}",
+                    blocked,
+                )
         except BaseExceptionGroup as group:
             # One keylane error (a broker that cannot be reached, a topic
             # that does not exist) is raised as itself, not inside the
@@ -342,9 +354,10 @@ class App:
 
     def stats(self) -> dict[str, Any]:
         """Counters (consumed, handled, failed, retried, dead_lettered,
-        skipped, stale_dropped, duplicates_skipped, redelivered_dropped,
-        commits, broker_retries), gauges while running (in_flight, queued, running,
-        partitions, member, lag per partition) and latency summaries."""
+        skipped, malformed, stale_dropped, duplicates_skipped,
+        redelivered_dropped, commits, broker_retries, repartition_held),
+        gauges while running (in_flight, queued, running, partitions, member,
+        lag per partition, blocked keys) and latency summaries."""
         return self._metrics.snapshot()
 
     async def replay_dlq(

@@ -12,6 +12,7 @@ there is exactly one hierarchy.
 from __future__ import annotations
 
 __all__ = [
+    "BlockedKeys",
     "BrokerError",
     "BrokerTimeout",
     "ConcurrentPushError",
@@ -117,3 +118,15 @@ class CorruptLogError(StoreError):
     """A persisted MemoryBroker log is damaged or truncated. Nothing was
     dropped: open it with ``recover="truncate"`` to cut it at the last whole
     record, or move the file away."""
+
+
+class BlockedKeys(KeylaneError, RuntimeError):
+    """``App.run(until_idle=True)`` found nothing left to do but messages
+    that keep failing with ``on_exhausted="block"``: everything else was
+    handled and committed. ``blocked`` lists them (topic, partition,
+    offset, key, attempts, error), one per blocked key, the oldest offset
+    of each; their keys' later messages wait behind them, uncommitted."""
+
+    def __init__(self, message: str, blocked: list[dict[str, object]]) -> None:
+        super().__init__(message)
+        self.blocked = blocked

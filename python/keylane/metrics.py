@@ -29,6 +29,10 @@ COUNTERS = (
     ("retried", "Messages put back for another attempt."),
     ("dead_lettered", "Messages written to the dead-letter topic."),
     ("skipped", "Messages given up after their last attempt (on_exhausted='skip')."),
+    (
+        "malformed",
+        "Messages whose version, id or record could not be read (failures no retry can help).",
+    ),
     ("stale_dropped", "Messages not newer than the applied version, acknowledged unhandled."),
     ("duplicates_skipped", "Messages whose id was seen within the dedupe window."),
     ("redelivered_dropped", "Records fetched again while already queued or done."),
