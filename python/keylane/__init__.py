@@ -21,6 +21,7 @@ from keylane._native import (
 )
 from keylane.app import App, UnorderedVersionsWarning
 from keylane.brokers import Faults, MemoryBroker, TopicPartition
+from keylane.embed import AppThread, on_asyncio_loop
 from keylane.errors import (
     BlockedKeys,
     BrokerError,
@@ -46,6 +47,7 @@ from keylane.retry import RetryPolicy
 
 __all__ = [
     "App",
+    "AppThread",
     "BlockedKeys",
     "BrokerError",
     "BrokerTimeout",
@@ -78,6 +80,7 @@ __all__ = [
     "VersionTable",
     "__version__",
     "murmur2",
+    "on_asyncio_loop",
     "partition_for_key",
     "partitions_for_keys",
     "repartition_moves",

@@ -30,6 +30,7 @@ from keylane._native import VersionTable
 from keylane._runtime import Run
 from keylane.brokers.base import Broker
 from keylane.dlq import replay
+from keylane.embed import AppThread
 from keylane.errors import BlockedKeys, ConfigError, InvalidType, KeylaneError
 from keylane.message import Message
 from keylane.metrics import Metrics, Prometheus
@@ -338,6 +339,22 @@ class App:
             self._run = None
             if opened is not None:
                 opened.close()
+
+    def start_in_thread(self, *, until_idle: bool = False, timeout: float = 30.0) -> AppThread:
+        """Runs this App on a Trio loop of its own in a new thread, for
+        programs that are not Trio (asyncio services, threaded code), and
+        returns once it has joined its group and consumes (``TimeoutError``
+        after ``timeout`` seconds). The returned ``AppThread`` has ``stop()``,
+        ``join(timeout)``, ``wait()`` (for asyncio) and ``stats()``, all safe
+        from any thread. Handlers run on the App's thread; wrap an asyncio
+        handler with ``keylane.on_asyncio_loop`` to run it on your loop."""
+        if self._handler is None:
+            raise ConfigError("no handler: decorate an async function with @app.handler first")
+        if self._run is not None:
+            raise ConfigError("this App is already running")
+        thread = AppThread(self, until_idle=until_idle, name=f"keylane {self.group}")
+        thread._start(timeout)
+        return thread
 
     def stop(self) -> None:
         """Stops a running App gracefully (as the first SIGINT does)."""
