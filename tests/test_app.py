@@ -657,6 +657,28 @@ def test_bad_options_raise_config_errors(kwargs: dict[str, Any], match: str) -> 
     assert isinstance(info.value, ValueError)
 
 
+def test_a_versions_path_that_cannot_be_a_table_is_refused_at_construction(
+    tmp_path: pathlib.Path,
+) -> None:
+    regular = tmp_path / "a-regular-file"
+    regular.write_text("not a table")
+    with pytest.raises(keylane.ConfigError, match="is a file"):
+        make_app(MemoryBroker(), versions=regular)
+    with pytest.raises(keylane.ConfigError, match="is a file, not a directory"):
+        make_app(MemoryBroker(), versions=str(regular / "below"))
+    with pytest.raises(keylane.ConfigError, match="empty string"):
+        make_app(MemoryBroker(), versions="")
+    make_app(MemoryBroker(), versions=tmp_path / "new" / "table")  # made on first use
+
+
+def test_capacity_below_concurrency_is_explained() -> None:
+    with pytest.warns(UserWarning, match="so at most that many handlers run at once"):
+        make_app(MemoryBroker(), capacity=10, concurrency=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_app(MemoryBroker(), capacity=64, concurrency=64)
+
+
 def test_retry_policy_validation() -> None:
     with pytest.raises(keylane.ConfigError, match="max_attempts"):
         RetryPolicy(max_attempts=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -267,6 +268,25 @@ def test_run_takes_a_file_path_and_until_idle_returns(  # type: ignore[no-untype
     assert svc.app.stats()["handled"] == 30
 
 
+def test_log_level_debug_shows_fetches_and_commits(  # type: ignore[no-untyped-def]
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "svc_debug.py").write_text(NODLQ_SERVICE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        result = invoke(["run", "svc_debug.py:app", "--until-idle", "--log-level", "debug"])
+    finally:
+        logging.getLogger("keylane").setLevel(logging.NOTSET)
+        sys.modules.pop("svc_debug", None)
+    assert result.exit_code == 0, result.output
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("fetches brought" in m for m in debug), debug
+    assert any(m.startswith("group g: committed jobs/") for m in debug), debug
+    # Summed, not one line per fetch.
+    assert len(debug) < 20
+
+
 def test_run_until_idle_with_a_blocked_key_exits_1_naming_it(  # type: ignore[no-untyped-def]
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -298,3 +318,24 @@ def test_keylane_errors_are_one_line_and_debug_shows_the_traceback(  # type: ign
     missing = invoke(["run", "./nowhere.py:app"])
     assert missing.exit_code == 2
     assert "nowhere.py is not a .py file" in missing.output
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    import click
+
+    from keylane.cli import main
+
+    missing = []
+
+    def walk(cmd: click.Command, path: str) -> None:
+        missing.extend(
+            f"{path} {p.opts[0]}"
+            for p in cmd.params
+            if isinstance(p, click.Option) and not p.help and not p.hidden
+        )
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, f"{path} {name}")
+
+    walk(main, "keylane")
+    assert missing == []

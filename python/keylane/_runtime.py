@@ -141,6 +141,11 @@ class Run:
         self.yield_at = 0.0
         self.slice_no = 0
         self.closing = False
+        # --log-level debug: what the feeder did, summed once a second.
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self.debug_at = 0.0
+        self.debug_fetches = 0
+        self.debug_records = 0
         self.rng = random.Random()
         self.work = trio.lowlevel.ParkingLot()
         self.space = trio.lowlevel.ParkingLot()
@@ -314,6 +319,8 @@ class Run:
             await self._rebalance(fetch)
             self.ends.update(fetch.ends)
             pushed = await self._push(fetch)
+            if self.debug:
+                self._debug_feed(pushed)
             if pushed:
                 self.metrics.counters["consumed"] += pushed
             elif self.until_idle and fetch.at_end and fetch.settled:
@@ -333,6 +340,29 @@ class Run:
                 # Everything fetched; wait for the workers, not the broker.
                 with trio.move_on_after(0.05):
                     await self.progress.park()
+
+    def _debug_feed(self, pushed: int) -> None:
+        self.debug_fetches += 1
+        self.debug_records += pushed
+        now = time.monotonic()
+        if now - self.debug_at < 1.0:
+            return
+        d = self.d
+        log.debug(
+            "group %s: %d fetches brought %d records in %.1fs; queued %d, in flight %d, "
+            "running %d, room %d%s%s",
+            self.app.group,
+            self.debug_fetches,
+            self.debug_records,
+            now - self.debug_at if self.debug_at else 0.0,
+            d.queued,
+            d.in_flight,
+            self.running,
+            d.free_capacity,
+            f", paused {sorted(self.paused)}" if self.paused else "",
+            f", {self.rp.holding} held (repartition)" if self.rp and self.rp.holding else "",
+        )
+        self.debug_at, self.debug_fetches, self.debug_records = now, 0, 0
 
     def _only_blocked_left(self) -> bool:
         """Whether nothing can run but messages blocked after their last
@@ -983,6 +1013,14 @@ class Run:
             for tp, offset in offsets.items():
                 self.committed[self.tp_ids[tp]] = offset
             self.metrics.counters["commits"] += 1
+            if self.debug:
+                log.debug(
+                    "group %s: committed %s",
+                    self.app.group,
+                    ", ".join(
+                        f"{tp.topic}/{tp.partition}@{o}" for tp, o in sorted(offsets.items())
+                    ),
+                )
 
     def _below_held(self, tpid: int, offset: int, marks: dict[int, int]) -> int:
         """``offset``, or less: never past a record of the partition that is

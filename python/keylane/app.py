@@ -18,6 +18,7 @@ import os
 import sys
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import trio
@@ -67,6 +68,22 @@ def _positive_seconds(name: str, value: object) -> float:
     ):
         raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(value)
+
+
+def _check_table_path(path: str | os.PathLike[str]) -> None:
+    """A version table path is a directory, made on first use: refuse now
+    what would only fail when the App runs."""
+    p = Path(path)
+    if str(path) == "":
+        raise ConfigError("versions must be a directory path, not an empty string")
+    if p.exists() and not p.is_dir():
+        raise ConfigError(
+            f"versions={str(path)!r} is a file; a version table is a directory "
+            "(created on first use)"
+        )
+    parent = next((a for a in (p.absolute(), *p.absolute().parents) if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"versions={str(path)!r}: {parent} is a file, not a directory")
 
 
 def _sole_keylane_error(group: BaseExceptionGroup[BaseException]) -> KeylaneError | None:
@@ -197,6 +214,13 @@ class App:
         self.repartition_grace = float(repartition_grace)
         self.concurrency = _positive_int("concurrency", concurrency)
         self.capacity = _positive_int("capacity", capacity)
+        if self.capacity < self.concurrency:
+            warnings.warn(
+                f"capacity={self.capacity} is below concurrency={self.concurrency}: at most "
+                f"{self.capacity} messages are fetched and not done, so at most that many "
+                "handlers run at once",
+                stacklevel=2,
+            )
         self.fetch_max = _positive_int("fetch_max", fetch_max)
         if retry is None:
             retry = RetryPolicy()
@@ -222,6 +246,8 @@ class App:
             raise ConfigError(
                 f"versions must be a VersionTable or a path, not {type(versions).__name__}"
             )
+        if isinstance(versions, (str, os.PathLike)):
+            _check_table_path(versions)
         if version_of is not None and not callable(version_of):
             raise ConfigError("version_of must be a callable taking a Message")
         if id_of is not None and not callable(id_of):

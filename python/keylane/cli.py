@@ -181,6 +181,8 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Also when logging was set up already (basicConfig then does nothing).
+    logging.getLogger("keylane").setLevel(getattr(logging, level))
 
 
 def load_app(target: str, app_dir: str | os.PathLike[str] = ".") -> keylane.App:
@@ -326,6 +328,7 @@ def dlq() -> None:
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
     default="INFO",
     show_envvar=True,
+    help="Level of keylane's (and the root) logger.",
 )
 def dlq_replay(
     target: str,

@@ -33,8 +33,18 @@ _CHOICES = [*SCENARIOS, "all"]
     show_default=True,
     help="memory, or kafka://HOST:PORT (scale-out and repartition).",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write every row (scenario, setting, protected, harm, lost, ...) to this file.",
+)
+@click.option(
+    "--plot",
+    "plot_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write one PNG per scenario into this directory (needs matplotlib).",
+)
 def lab(
     scenario: str,
     seed: int,
