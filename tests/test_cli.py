@@ -81,6 +81,15 @@ def test_inspect_prints_counts_and_first_entries(tmp_path) -> None:  # type: ign
     assert "  0xff00\t3" in result.output.splitlines()
 
 
+def test_inspect_reports_the_map_the_table_was_created_with(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "t"
+    with keylane.VersionTable(path, map_size=3 << 30, durable=False) as t:
+        t.check_and_set(b"k", 1)
+    result = invoke(["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "used of a 3.0 GiB map" in result.output.splitlines()[1]
+
+
 def test_inspect_refuses_missing_tables_without_creating_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
     missing = tmp_path / "nope"
     result = invoke(["inspect", str(missing)])

@@ -161,6 +161,20 @@ def test_full_map_raises_store_full_and_applies_nothing(tmp_path: pathlib.Path) 
     assert t.get(f"key-{applied:08d}-padding-padding") is None
 
 
+def test_a_table_keeps_the_map_it_was_created_with(tmp_path: pathlib.Path) -> None:
+    # Reopened without map_size (or with a smaller one), a table keeps its
+    # map: shrunk to the default, writes that fitted would fail as full.
+    path = tmp_path / "t"
+    with VersionTable(path, map_size=3 << 30, durable=False) as t:
+        t.check_and_set(b"a", 1)
+    with VersionTable(path, durable=False) as t:
+        assert t.info()["map_size"] == 3 << 30
+    with VersionTable(path, map_size=1 << 24, durable=False) as t:
+        assert t.info()["map_size"] == 3 << 30
+    with VersionTable(path, map_size=4 << 30, durable=False) as t:
+        assert t.info()["map_size"] == 4 << 30  # growing it works
+
+
 # ---- model-based -----------------------------------------------------------------------------
 
 ops = st.lists(

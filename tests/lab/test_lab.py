@@ -4,6 +4,7 @@ not with it, loses nothing, and reports what docs/lab.md promises."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,13 @@ def check_rows(rows: list[Row] | list[dict[str, object]]) -> None:
 
 def test_lab_all_with_its_defaults_json_and_plots(tmp_path: Path) -> None:
     out, plots = tmp_path / "lab.json", tmp_path / "plots"
+    level = logging.getLogger("keylane").level
     result = CliRunner().invoke(
         main, ["lab", "all", "--json", str(out), "--plot", str(plots)], catch_exceptions=False
     )
     assert result.exit_code == 0, result.output
+    # It quiets keylane's logger while it runs, and only then.
+    assert logging.getLogger("keylane").level == level
     rows = json.loads(out.read_text())
     assert {r["scenario"] for r in rows} == set(SCENARIOS)
     check_rows(rows)

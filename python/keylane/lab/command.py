@@ -78,7 +78,22 @@ def lab(
     console = Console(width=max(Console().width, 150))
     # The scenarios crash members, fail handlers and rebalance on purpose:
     # their log lines are the experiment, not news.
-    logging.getLogger("keylane").setLevel(logging.CRITICAL)
+    keylane_log = logging.getLogger("keylane")
+    level = keylane_log.level
+    keylane_log.setLevel(logging.CRITICAL)
+    try:
+        _run_all(console, names, opts, json_path, plot_dir)
+    finally:
+        keylane_log.setLevel(level)
+
+
+def _run_all(
+    console: Console,
+    names: list[str],
+    opts: Options,
+    json_path: Path | None,
+    plot_dir: Path | None,
+) -> None:
     every: list[Row] = []
     started = time.perf_counter()
     for i, name in enumerate(names, 1):

@@ -27,6 +27,7 @@ const P_INVALID: u64 = u64::MAX;
 const PAGE_HEADER: usize = 16;
 const MM_MAGIC: usize = PAGE_HEADER;
 const MM_VERSION: usize = PAGE_HEADER + 4;
+const MM_MAPSIZE: usize = PAGE_HEADER + 16;
 const MM_DBS: usize = PAGE_HEADER + 24;
 const DB_SIZE: usize = 48;
 const DB_ROOT: usize = 40;
@@ -38,6 +39,7 @@ const META_LEN: usize = MM_TXNID + 8;
 struct MetaPage {
     page_size: u64,
     last_page: u64,
+    map_size: u64,
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -77,7 +79,7 @@ fn meta(page: &[u8], index: u64) -> std::result::Result<MetaPage, String> {
             return Err(format!("database {db} has root page {root}, outside 2..={last_page}"));
         }
     }
-    Ok(MetaPage { page_size, last_page })
+    Ok(MetaPage { page_size, last_page, map_size: u64_at(page, MM_MAPSIZE) })
 }
 
 fn damaged(path: &Path, what: impl std::fmt::Display) -> Error {
@@ -89,8 +91,10 @@ fn damaged(path: &Path, what: impl std::fmt::Display) -> Error {
     ))
 }
 
-/// Checks `data.mdb` at `path` as far as it can be checked without mapping it.
-pub(crate) fn check(path: &Path) -> Result<()> {
+/// Checks `data.mdb` at `path` as far as it can be checked without mapping
+/// it; returns the map size the table was last opened with (the larger of
+/// the two meta pages').
+pub(crate) fn check(path: &Path) -> Result<u64> {
     let mut file = File::open(path).map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
     let mut head = Vec::with_capacity(2 * 4096);
     (&mut file)
@@ -133,7 +137,7 @@ pub(crate) fn check(path: &Path) -> Result<()> {
             ),
         ));
     }
-    Ok(())
+    Ok(first.map_size.max(second.map_size))
 }
 
 #[cfg(test)]
@@ -153,12 +157,14 @@ mod tests {
         }
         p[MM_LAST_PG..MM_LAST_PG + 8].copy_from_slice(&last.to_le_bytes());
         p[MM_TXNID..MM_TXNID + 8].copy_from_slice(&txn.to_le_bytes());
+        p[MM_MAPSIZE..MM_MAPSIZE + 8].copy_from_slice(&(3u64 << 30).to_le_bytes());
         p
     }
 
     #[test]
     fn a_valid_meta_page_reads_back() {
-        assert_eq!(meta(&page(1, 9, 4), 1), Ok(MetaPage { page_size: 4096, last_page: 9 }));
+        let read = meta(&page(1, 9, 4), 1);
+        assert_eq!(read, Ok(MetaPage { page_size: 4096, last_page: 9, map_size: 3 << 30 }));
     }
 
     #[test]

@@ -59,11 +59,13 @@ impl VersionTable {
         std::fs::create_dir_all(path)
             .map_err(|e| Error::Store(format!("cannot create {}: {e}", path.display())))?;
         let data = path.join("data.mdb");
-        if data.exists() {
-            data_file::check(&data)?;
-        }
+        // An existing table keeps the map it was given: opened with a
+        // smaller one (the default, say), LMDB would shrink it, and writes
+        // that fitted before would fail as full.
+        let stored = if data.exists() { data_file::check(&data)? } else { 0 };
+        let map_size = options.map_size.max(usize::try_from(stored).unwrap_or(usize::MAX));
         let mut builder = EnvOpenOptions::new().read_txn_without_tls();
-        builder.map_size(options.map_size).max_dbs(8);
+        builder.map_size(map_size).max_dbs(8);
         if !options.durable {
             // SAFETY: MDB_NOSYNC only drops the flush at commit; LMDB stays
             // consistent (see docs/design.md for the exact guarantee).
