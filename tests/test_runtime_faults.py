@@ -44,7 +44,9 @@ async def test_fetch_and_commit_errors_are_retried_and_nothing_is_lost(
     check.assert_ordered()
     assert check.count == 2000
     assert broker.committed("g") == end_offsets(broker, T)
-    assert app.stats()["broker_retries"] >= 4
+    # At least one fetch and one commit were refused and retried (how many
+    # depends on how many calls the run made: its slicing is real time).
+    assert app.stats()["broker_retries"] >= 2
     assert "fetch failed (faults: injected fetch error)" in caplog.text
     assert "commit failed (faults: injected commit error)" in caplog.text
 

@@ -262,8 +262,10 @@ class Run:
         if not self.joined:
             return
         try:
+            # Retried within the bound: a commit the broker refused once
+            # (retriable) would otherwise leave handled work to redo.
             with trio.fail_after(self.app.shutdown_timeout if graceful else _LAST_COMMIT_TIMEOUT):
-                await self._commit()
+                await self._commit(give_up_after=None)
         except (trio.TooSlowError, BrokerTimeout):
             log.error(
                 "group %s: final commit timed out; uncommitted messages will be redelivered",
@@ -672,6 +674,10 @@ class Run:
                 # running while handlers that never suspend run back to back.
                 await trio.lowlevel.checkpoint()
                 return True
+            if self.ready:
+                # Another worker's batch (popping found the in-flight
+                # bound): take from it rather than sleep beside it.
+                return True
             await self._park()
         return False
 
@@ -733,6 +739,7 @@ class Run:
         record_each = self.app.record_versions == "each"
         handler = self.app._handler
         assert handler is not None
+        concurrency = self.app.concurrency
         perf_counter = time.perf_counter
         while True:
             if self.closing:
@@ -789,8 +796,10 @@ class Run:
                     pass
                 else:
                     # It suspends: every ready message gets a worker while
-                    # handlers do (and for _SUSPENDING_FOR after).
-                    if perf_counter() >= self.suspending_until:
+                    # handlers do (and for _SUSPENDING_FOR after). Asked at
+                    # every suspension, not the first only: a worker may
+                    # have parked since.
+                    if self.ready and self.runners < concurrency:
                         self.work.unpark(count=len(self.ready))
                     self.suspending_until = perf_counter() + _SUSPENDING_FOR
                     await _handler_call.resume(coro, trap)  # type: ignore[arg-type]
