@@ -161,10 +161,15 @@ async def test_a_grace_period_holds_moved_keys_longer_and_still_keeps_order() ->
     assert group.counter("repartition_held") > 0
 
 
-async def test_a_member_joining_after_the_growth_learns_it_from_commit_metadata() -> None:
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+async def test_a_member_joining_after_the_growth_learns_it_from_commit_metadata(
+    delay: float,
+) -> None:
     # It never sees the old count: the members that did note the growth in
-    # their commits' metadata, and it holds its moved keys as they do.
-    ledger, group, produced = await grow_mid_stream(join_after_growth=0.3, messages=6000)
+    # their commits' metadata, and it holds its moved keys as they do. At
+    # 0 s nothing is noted yet when it first looks: it learns when the
+    # partitions are handed to it (their owners commit, noting, first).
+    ledger, group, produced = await grow_mid_stream(join_after_growth=delay, messages=6000)
     assert_kept_order(ledger, produced)
     late: Group = group.late  # type: ignore[attr-defined]
     assert late.counter("repartition_held") > 0
@@ -193,6 +198,27 @@ def test_growth_notes_round_trip_and_bad_ones_are_ignored() -> None:
     ignored = fresh()
     ignored.learn(bad, {"t": 12})
     assert ignored.changes == {}
+    # Learned at a later assignment too: this member's first look at the
+    # topic already found 12, so it cannot have seen the growth itself.
+    later = fresh()
+    later.learn([], {"t": 12})
+    later.observe({"t": 12})
+    later.learn([note], {"t": 12})
+    assert [(c.old, c.new) for c in later.changes["t"]] == [(6, 12)]
+    # A member that saw 6 itself already has the change (not twice), and a
+    # growth past the first count it saw is one it saw, not one to learn.
+    assert [(c.old, c.new) for c in seen.changes["t"]] == [(6, 12)]
+    seen.learn([note], {"t": 12})
+    assert len(seen.changes["t"]) == 1
+    eight = fresh()
+    eight.observe({"t": 8})
+    eight.learn(['keylane:repartition:1:[["t",8,12,1.0]]'], {"t": 12})
+    assert eight.changes == {}
+    # A transition over here is not opened again by a note that outlived it.
+    later.closed.add(("t", 6, 12))
+    later.changes.clear()
+    later.learn([note], {"t": 12})
+    assert later.changes == {}
 
 
 async def test_a_late_producer_within_the_grace_keeps_order() -> None:

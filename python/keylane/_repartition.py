@@ -147,6 +147,12 @@ class Repartition:
         self.release = release
         self.clock = clock
         self.counts: dict[str, int] = {}
+        # The first count this member saw of each topic: a noted growth to
+        # at most that count happened before it looked (it could not see it).
+        self.first_seen: dict[str, int] = {}
+        # Changes whose transition is over here: a note still carrying one
+        # (metadata outlives transitions) does not open it again.
+        self.closed: set[tuple[str, int, int]] = set()
         # Open changes per topic, oldest first (topics with none are absent:
         # the feeder's check is one dict lookup).
         self.changes: dict[str, list[Change]] = {}
@@ -165,6 +171,7 @@ class Repartition:
         for topic, n in counts.items():
             before = self.counts.get(topic)
             self.counts[topic] = n
+            self.first_seen.setdefault(topic, n)
             if before is None or n <= before:
                 continue
             seen = self.clock()
@@ -196,18 +203,21 @@ class Repartition:
         return text
 
     def learn(self, notes: Iterable[str], counts: Mapping[str, int]) -> None:
-        """Takes the changes other members noted in their commits, for
-        topics this member has not seen a count of yet, then ``counts`` as
-        their count now. A note that cannot be read is ignored."""
+        """Takes the changes other members noted in their commits that this
+        member cannot have seen itself (growths to at most the first count it
+        saw), then ``counts`` as the topics' counts if it had none. Called
+        on the first counts and on every assignment. A note that cannot be
+        read is ignored."""
         known = {(c.topic, c.old, c.new) for cs in self.changes.values() for c in cs}
         found: dict[tuple[str, int, int], float] = {}
         for text in notes:
             for topic, old, new, until in _parse(text):
-                if topic in counts and topic not in self.counts and new <= counts[topic]:
+                first = self.first_seen.get(topic, counts.get(topic, 0))
+                if topic in counts and new <= min(first, counts[topic]):
                     key = (topic, old, new)
                     found[key] = max(found.get(key, until), until)
         for (topic, old, new), until in sorted(found.items(), key=lambda kv: kv[0][1]):
-            if (topic, old, new) in known:
+            if (topic, old, new) in known or (topic, old, new) in self.closed:
                 continue
             change = Change(topic, old, new, until - self.grace, until, set(range(old)))
             self.changes.setdefault(topic, []).append(change)
@@ -223,6 +233,7 @@ class Repartition:
             self.wake.set()
         for topic, n in counts.items():
             self.counts.setdefault(topic, n)
+            self.first_seen.setdefault(topic, n)
 
     # ---- the feeder's check ----------------------------------------------------------------
 
@@ -389,6 +400,7 @@ class Repartition:
                 change.open.discard(w.old.partition)
                 del self.waits[wait_key]
                 if not change.open:
+                    self.closed.add((change.topic, change.old, change.new))
                     changes = self.changes[change.topic]
                     changes.remove(change)
                     if not changes:
