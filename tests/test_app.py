@@ -297,6 +297,32 @@ async def test_until_idle_with_only_blocked_keys_left_reports_them(
         assert offset == (min(firsts) if firsts else broker.end_offsets("payments")[tp.partition])
 
 
+async def test_blocked_keys_of_a_partition_given_away_are_no_longer_reported(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    broker = MemoryBroker(partitions=2)
+    for p in range(2):
+        broker.produce("payments", key=f"k{p}", value=b"bad", partition=p)
+    first = make_app(broker, retry=FAST_RETRY)
+    second = make_app(broker, retry=FAST_RETRY)
+
+    async def fail(msg: Message) -> None:
+        raise RuntimeError("broken")
+
+    first.handler(fail)
+    second.handler(fail)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(first.run, handle_signals=False))
+        await wait_until(lambda: len(first.stats()["blocked"]) == 2)
+        await nursery.start(functools.partial(second.run, handle_signals=False))
+        await wait_until(lambda: len(first.stats()["blocked"]) == 1)
+        await wait_until(lambda: len(second.stats()["blocked"]) == 1)
+        owned = {b["partition"] for b in first.stats()["blocked"]}
+        assert owned.isdisjoint(b["partition"] for b in second.stats()["blocked"])
+        first.stop()
+        second.stop()
+
+
 async def test_a_malformed_version_header_is_counted_and_named(
     autojump_clock: trio.abc.Clock, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:

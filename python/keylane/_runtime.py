@@ -642,6 +642,9 @@ class Run:
         self.owned.difference_update(tps)
         for tp in tps:
             self.ends.pop(tp, None)
+        if self.blocked:
+            gone = set(ids)
+            self.blocked = {k: b for k, b in self.blocked.items() if k[0] not in gone}
         for i in ids:
             self.last_pushed.pop(i, None)
             self.committed.pop(i, None)
