@@ -504,6 +504,8 @@ class Run:
         rp = self.rp
         assert rp is not None
         d = self.d
+        if not rp.held_by_part and not self.paused:
+            return d.free_capacity  # every turn of the feeder, nearly always
         free, quarter = max(0, d.free_capacity - rp.holding), d.capacity // 4
         held = {self.tps[i] for i in rp.held_by_part} & self.owned
         wanted = self.paused

@@ -343,11 +343,13 @@ class App:
             await self._run.main(task_status, handle_signals=handle_signals)
             blocked = self._run.idle_blocked
             if blocked:
+                first = blocked[0]
                 raise BlockedKeys(
                     f"group {self.group}: everything else is handled and committed, but "
                     f"{len(blocked)} key(s) are blocked by messages that fail every attempt "
-                    f"(on_exhausted='block'), the first at {blocked[0]['topic']}/"
-                    f"{blocked[0]['partition']}@{blocked[0]['offset']}: {blocked[0]['error']:.200}",
+                    f"(on_exhausted='block'), the first at {first['topic']}/"
+                    f"{first['partition']}@{first['offset']}: {first['error']:.200}. "
+                    "Fix the cause and run again, or set dlq= (or on_exhausted='skip') to move on",
                     blocked,
                 )
         except BaseExceptionGroup as group:

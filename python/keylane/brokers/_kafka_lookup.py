@@ -96,43 +96,41 @@ class Lookup:
                     time.sleep(0.1)
 
     def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-        timeout = self._broker.timeout
         found = self._fetch_committed(tps)
-        with self._lock:
-            c = self._client()
-            try:
-                out = {}
-                for k in found:
-                    tp = TopicPartition(k.topic, k.partition)
-                    if k.offset >= 0:
-                        out[tp] = k.offset
-                    else:
-                        # Nothing committed: the group starts at the log start.
-                        out[tp] = c.get_watermark_offsets(k, timeout=timeout)[0]
-                return out
-            except confluent_kafka.KafkaException as e:
-                raise from_exception(e, "committed offsets") from None
+        # Nothing committed: the group starts at the log start.
+        return self._or_watermark(found, "committed offsets", end=False)
 
     def _for_times(self, times: dict[TopicPartition, float]) -> dict[TopicPartition, int]:
-        timeout = self._broker.timeout
+        # Rounded up to Kafka's milliseconds: a record just before ``t`` must
+        # stay before the offset found.
+        asked = [
+            _KTP(tp.topic, tp.partition, math.ceil(t * 1000 - 1e-3)) for tp, t in times.items()
+        ]
+        with self._lock:
+            try:
+                found = self._client().offsets_for_times(asked, timeout=self._broker.timeout)
+            except confluent_kafka.KafkaException as e:
+                raise from_exception(e, "offsets for times") from None
+        # No record that recent: the end of the log.
+        return self._or_watermark(found, "offsets for times", end=True)
+
+    def _or_watermark(
+        self, found: list[confluent_kafka.TopicPartition], doing: str, *, end: bool
+    ) -> dict[TopicPartition, int]:
+        """Each partition's offset, or where there is none (negative) its
+        low (``end=False``) or high watermark."""
+        out = {}
         with self._lock:
             c = self._client()
             try:
-                # Rounded up to Kafka's milliseconds: a record just before ``t``
-                # must stay before the offset found.
-                asked = [
-                    _KTP(tp.topic, tp.partition, math.ceil(t * 1000 - 1e-3))
-                    for tp, t in times.items()
-                ]
-                found = c.offsets_for_times(asked, timeout=timeout)
-                out = {}
                 for k in found:
-                    tp = TopicPartition(k.topic, k.partition)
-                    if k.offset >= 0:
-                        out[tp] = k.offset
-                    else:
-                        # No record that recent: the end of the log.
-                        out[tp] = c.get_watermark_offsets(_KTP(k.topic, k.partition), timeout)[1]
-                return out
+                    offset = k.offset
+                    if offset < 0:
+                        low, high = c.get_watermark_offsets(
+                            _KTP(k.topic, k.partition), timeout=self._broker.timeout
+                        )
+                        offset = high if end else low
+                    out[TopicPartition(k.topic, k.partition)] = offset
             except confluent_kafka.KafkaException as e:
-                raise from_exception(e, "offsets for times") from None
+                raise from_exception(e, doing) from None
+        return out

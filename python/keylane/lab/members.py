@@ -16,6 +16,7 @@ from keylane.app import App
 from keylane.brokers.base import Broker
 from keylane.lab.ledger import VALUE, Ledger
 from keylane.message import Message
+from keylane.metrics import Histogram
 
 
 async def poll_until(done: Callable[[], bool], *, limit: float, what: str) -> None:
@@ -101,5 +102,5 @@ class Group:
     def counter(self, name: str) -> int:
         return sum(int(app.stats()[name]) for app in self.apps)
 
-    def histograms(self, name: str) -> list[Any]:
-        return [app._metrics.__dict__[name] for app in self.apps]
+    def histograms(self, name: str) -> list[Histogram]:
+        return [getattr(app._metrics, name) for app in self.apps]

@@ -49,11 +49,15 @@ def _run(opts: Options, mode: str, assignor: str) -> Row:
     produced: dict[int, int] = {}
     order = [rng.randrange(keys) for _ in range(n)]
 
+    sent = 0
+
     def produce(count: int) -> None:
-        for k in order[sum(produced.values()) :][:count]:
+        nonlocal sent
+        for k in order[sent : sent + count]:
             seq = produced.get(k, 0)
             produced[k] = seq + 1
             broker.produce(topic, key_name(k), value(k, seq))
+        sent += count
 
     ledger = Ledger()
     group = Group(
