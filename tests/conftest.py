@@ -16,6 +16,9 @@ import trio.testing
 import keylane
 from keylane.brokers import TopicPartition
 from tests import kafka_server
+from tests.servers import Server
+
+SQS = Server("elasticmq.sh", "ElasticMQ, the SQS FIFO server for the real-broker tests")
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +28,15 @@ def kafka_bootstrap() -> Iterator[str]:
     yield address
     if started:
         kafka_server.stop()
+
+
+@pytest.fixture(scope="session")
+def sqs_endpoint() -> Iterator[str]:
+    """The endpoint URL of the ElasticMQ server (started if scripts/test did not)."""
+    address, started = SQS.start()
+    yield address
+    if started:
+        SQS.stop()
 
 
 # Retries quick enough for tests on a virtual clock.

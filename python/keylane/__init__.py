@@ -5,6 +5,7 @@ The public API is re-exported here; ``keylane._native`` is the Rust core.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from keylane._native import (
@@ -67,6 +68,7 @@ __all__ = [
     "Prometheus",
     "QueueFull",
     "RetryPolicy",
+    "SqsFifoBroker",
     "StoreError",
     "StoreFormatError",
     "StoreFull",
@@ -88,18 +90,25 @@ __all__ = [
 
 if TYPE_CHECKING:
     from keylane.brokers.kafka import KafkaBroker
+    from keylane.brokers.sqs_fifo import SqsFifoBroker
+
+# Adapters whose client library is an extra: importing keylane does not
+# import them. name -> (module, pip extra, client library).
+_ADAPTERS = {
+    "KafkaBroker": ("keylane.brokers.kafka", "kafka", "confluent-kafka"),
+    "SqsFifoBroker": ("keylane.brokers.sqs_fifo", "sqs", "boto3"),
+}
 
 
 def __getattr__(name: str) -> Any:
-    # The Kafka adapter needs confluent-kafka (the "kafka" extra); importing
-    # keylane does not.
-    if name == "KafkaBroker":
+    if name in _ADAPTERS:
+        module, extra, library = _ADAPTERS[name]
         try:
-            from keylane.brokers.kafka import KafkaBroker
+            loaded = importlib.import_module(module)
         except ImportError as e:
             raise ImportError(
-                f"keylane.KafkaBroker needs confluent-kafka ({e}); "
-                "install it with: pip install 'keylane[kafka]'"
+                f"keylane.{name} needs {library} ({e}); install it with: "
+                f"pip install 'keylane[{extra}]'"
             ) from e
-        return KafkaBroker
+        return getattr(loaded, name)
     raise AttributeError(f"module 'keylane' has no attribute {name!r}")

@@ -40,7 +40,7 @@ from keylane._broker_calls import BrokerCalls
 from keylane._guard import Guard, PoisonMessage
 from keylane._native import Dispatcher, Ticket
 from keylane._repartition import Held, Repartition
-from keylane.brokers.base import Consumer, Fetch, TopicPartition
+from keylane.brokers.base import Acknowledging, Consumer, Fetch, TopicPartition
 from keylane.dlq import DeadLetter
 from keylane.errors import BrokerError, BrokerTimeout, NotAssigned
 from keylane.message import Message
@@ -86,6 +86,11 @@ class Run:
         )
         self.consumer: Consumer = app.broker.consumer(app.group, app.topics)
         self.calls = BrokerCalls(app.group, app.broker_timeout, self.metrics)
+        # Brokers that take acknowledgements of single messages get each
+        # done message's (partition id, offset) through ``to_ack``.
+        self.acks = self.consumer if isinstance(self.consumer, Acknowledging) else None
+        self.to_ack: list[tuple[int, int]] = []
+        self.ack_due = trio.lowlevel.ParkingLot()
         self.rp: Repartition | None = None
         if app.repartition == "hold":
             self.rp = Repartition(
@@ -151,6 +156,7 @@ class Run:
         self.space = trio.lowlevel.ParkingLot()
         self.progress = trio.lowlevel.ParkingLot()
         self.commit_lock = trio.Lock()
+        self.ack_lock = trio.Lock()
         # Control.
         self.side: trio.Nursery | None = None
         self.feed_scope = trio.CancelScope()
@@ -212,6 +218,8 @@ class Run:
                 # stopped, even mid-flush in a thread) before the final commit.
                 async with trio.open_nursery() as background:
                     background.start_soon(self._committer)
+                    if self.acks is not None:
+                        background.start_soon(self._acker)
                     if self.rp is not None:
                         background.start_soon(self.rp.watch)
                     with self.work_scope:
@@ -732,6 +740,9 @@ class Run:
         done = self.done
         if done:
             n = len(done)
+            if self.acks is not None:
+                self.to_ack.extend([(t.partition, t.offset) for t in done])
+                self.ack_due.unpark_all()
             self.d.complete_many(done)
             done.clear()
             self._wake(n)
@@ -998,9 +1009,53 @@ class Run:
                 self.metrics.counters["broker_retries"] += 1
                 log.warning("group %s: commit failed (%s); retrying", self.app.group, e)
 
+    async def _acker(self) -> None:
+        while True:
+            if not self.to_ack:
+                await self.ack_due.park()
+                continue
+            try:
+                await self._ack(give_up_after=self.app.broker_timeout)
+            except BrokerError as e:
+                if not e.retriable:
+                    raise
+                # Still undeleted: the next ack, or the commit of the
+                # watermark past them, covers them.
+                self.metrics.counters["broker_retries"] += 1
+                log.warning("group %s: ack failed (%s); retrying", self.app.group, e)
+                await trio.sleep(0.1)
+
+    async def _ack(self, *, give_up_after: float | None) -> None:
+        """Acknowledges the done messages not acknowledged yet (their
+        versions stored first, as for a commit)."""
+        assert self.acks is not None
+        async with self.ack_lock:
+            self._flush()
+            batch, self.to_ack = self.to_ack, []
+            if not batch:
+                return
+            try:
+                if self.guard is not None:
+                    await self.guard.flush()
+                done: dict[TopicPartition, list[int]] = {}
+                for tpid, offset in batch:
+                    tp = self.tps[self.virtual.get(tpid, tpid)]
+                    if tp in self.owned:
+                        done.setdefault(tp, []).append(offset)
+                if done:
+                    await self.calls.retrying(
+                        "ack", self.acks.ack, done, give_up_after=give_up_after
+                    )
+            except BaseException:
+                self.to_ack[:0] = batch
+                raise
+            self.metrics.counters["acks"] += len(batch)
+
     async def _commit(
         self, *, only: set[int] | None = None, give_up_after: float | None = 0.0
     ) -> None:
+        if self.acks is not None and self.to_ack and only is None:
+            await self._ack(give_up_after=give_up_after)
         async with self.commit_lock:
             self._flush()
             # Offsets first, versions second, commit third: every message

@@ -37,6 +37,7 @@ COUNTERS = (
     ("duplicates_skipped", "Messages whose id was seen within the dedupe window."),
     ("redelivered_dropped", "Records fetched again while already queued or done."),
     ("commits", "Offset commits sent to the broker."),
+    ("acks", "Messages acknowledged one by one (brokers that delete each, such as SQS)."),
     ("broker_retries", "Broker calls (fetch, commit, join) that failed and were retried."),
     (
         "repartition_held",

@@ -1,4 +1,10 @@
-"""Fixtures of the broker contract suite: one harness per adapter."""
+"""Fixtures of the broker contract suite: one harness per adapter.
+
+``harness`` runs a test on every adapter; ``partitioned`` only on those
+whose topics have partitions (SQS FIFO queues have none: no placement by
+hash, no rebalances, no offsets to look up, so those tests are not made for
+it rather than skipped).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ from tests import kafka_server
 
 # Short sessions so a killed member is noticed within seconds.
 KAFKA_CONFIG = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+# A message a consumer gave up comes back after this long.
+SQS_CONFIG = {"visibility_timeout": 6}
 
 
 @dataclasses.dataclass
@@ -33,6 +41,11 @@ class Harness:
     session_timeout: float
     # How long a join and first assignment may take.
     join_bound: float
+    # Topics have partitions (with offsets, rebalances, lookups).
+    partitioned: bool = True
+    # Whether everything produced to the topic is handled and committed
+    # (given the group and the topic's produced count).
+    drained: Callable[[str, str], bool] | None = None
 
     consumers: list[Consumer] = dataclasses.field(default_factory=list)
 
@@ -45,7 +58,11 @@ class Harness:
         return c
 
     def topic(self, partitions: int) -> str:
+        """A new topic of ``partitions`` partitions (one where topics have none)."""
         name = kafka_server.unique("contract")
+        if not self.partitioned:
+            name += ".fifo"
+            partitions = 1
         self.create_topic(name, partitions)
         return name
 
@@ -54,6 +71,9 @@ class Harness:
         if self.name == "kafka":
             assert isinstance(self.broker, keylane.KafkaBroker)
             return keylane.KafkaBroker(self.broker.bootstrap_servers, config=KAFKA_CONFIG)
+        if self.name == "sqs":
+            assert isinstance(self.broker, keylane.SqsFifoBroker)
+            return keylane.SqsFifoBroker(self.broker.endpoint_url, config=SQS_CONFIG)
         return self.broker
 
 
@@ -87,15 +107,59 @@ def kafka_harness(bootstrap: str) -> Harness:
     )
 
 
-@pytest.fixture(params=["memory", pytest.param("kafka", marks=pytest.mark.kafka)])
-async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+def sqs_harness(endpoint: str) -> Harness:
+    b = keylane.SqsFifoBroker(endpoint, config=SQS_CONFIG)
+
+    def nothing_left(group: str, topic: str) -> bool:
+        return b.counts(topic) == (0, 0)
+
+    def no_partitions(*args: object) -> Any:
+        raise AssertionError("SQS FIFO queues have no partitions or offsets")
+
+    return Harness(
+        name="sqs",
+        broker=b,
+        create_topic=b.create_topic,
+        end_offsets=no_partitions,
+        committed=no_partitions,
+        add_partitions=no_partitions,
+        flush=b.flush_sync,
+        session_timeout=float(SQS_CONFIG["visibility_timeout"]),
+        join_bound=20.0,
+        partitioned=False,
+        drained=nothing_left,
+    )
+
+
+def _make(request: pytest.FixtureRequest) -> Harness:
     if request.param == "memory":
-        h = memory_harness()
-    else:
-        bootstrap: Any = request.getfixturevalue("kafka_bootstrap")
-        h = kafka_harness(bootstrap)
+        return memory_harness()
+    if request.param == "kafka":
+        return kafka_harness(request.getfixturevalue("kafka_bootstrap"))
+    assert request.param == "sqs"
+    return sqs_harness(request.getfixturevalue("sqs_endpoint"))
+
+
+async def _closing(h: Harness) -> AsyncIterator[Harness]:
     yield h
     with trio.move_on_after(30):
         for c in h.consumers:
             with contextlib.suppress(keylane.KeylaneError):
                 await c.close()
+
+
+_PARTITIONED = ["memory", pytest.param("kafka", marks=pytest.mark.kafka)]
+
+
+@pytest.fixture(params=[*_PARTITIONED, pytest.param("sqs", marks=pytest.mark.sqs)])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """Every adapter."""
+    async for h in _closing(_make(request)):
+        yield h
+
+
+@pytest.fixture(params=_PARTITIONED)
+async def partitioned(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """Adapters whose topics have partitions."""
+    async for h in _closing(_make(request)):
+        yield h

@@ -28,6 +28,10 @@ What the runtime promises every adapter, and asks of it:
   stays in its group however long handlers take, and still sees rebalances.
 - **Commits** are next-offset-to-read per partition, exactly the watermark:
   the runtime never asks to commit past a message that is not done.
+- **Acknowledgements** (``Acknowledging``, optional). A broker that
+  deletes messages one by one (SQS) also gets every handled message's
+  offset through ``ack``, soon after it is done (after the version table
+  has stored its version); watermark commits go on as well.
 - **Repartitioning.** ``Fetch.partitions`` says how many partitions each
   subscribed topic has now, as the broker sees it; when a count grows the
   runtime holds records of keys that moved until the group has committed
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping, Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from keylane.message import HeaderValue, KeyLike, Message, ValueLike
 
@@ -176,3 +180,15 @@ class Broker(Protocol):
     async def flush(self) -> None:
         """Waits until everything produced so far is stored by the broker."""
         ...
+
+
+@runtime_checkable
+class Acknowledging(Protocol):
+    """A consumer that is told of each handled message, not only of the
+    watermark: for brokers where a message holds others back until it is
+    acknowledged (an SQS FIFO group gives out nothing more while one of its
+    messages is undeleted), so waiting for the watermark would stall them.
+    The runtime calls ``ack`` with the offsets of messages that are done
+    (handled, dead-lettered or skipped), batched, never one not done."""
+
+    async def ack(self, done: Mapping[TopicPartition, Collection[int]]) -> None: ...
