@@ -7,16 +7,12 @@ never skip. Real time throughout; every wait is bounded.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import json
 import logging
 import os
 import pathlib
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -26,6 +22,13 @@ import keylane
 from keylane.brokers import TopicPartition
 from tests import kafka_server
 from tests.brokers.conftest import KAFKA_CONFIG
+from tests.brokers.crash import (
+    check_effects,
+    produce_versions,
+    spawn_member,
+    stop_members,
+    wait_for,
+)
 from tests.conftest import OrderChecker
 from tests.kafka_server import unique
 
@@ -37,36 +40,8 @@ def broker(kafka_bootstrap: str) -> keylane.KafkaBroker:
     return keylane.KafkaBroker(kafka_bootstrap, config=KAFKA_CONFIG)
 
 
-def produce_versions(
-    broker: keylane.KafkaBroker, topic: str, n: int, keys: int, *, start: int = 0
-) -> None:
-    for i in range(start, start + n):
-        broker.produce(topic, key=f"k{i % keys}", value=b"", headers={"version": str(i)})
-    broker.flush_sync()
-
-
 def committed_ends(broker: keylane.KafkaBroker, topic: str) -> dict[TopicPartition, int]:
     return {TopicPartition(topic, p): e for p, e in enumerate(broker.end_offsets(topic)) if e}
-
-
-async def wait_for(condition: object, bound: float, what: str) -> None:
-    """Polls ``condition`` (in a thread: it may ask the broker) every 0.2 s;
-    a retriable broker error (a broker restarting) counts as not yet."""
-    assert callable(condition)
-
-    def check() -> bool:
-        try:
-            return bool(condition())
-        except keylane.BrokerError as e:
-            if not e.retriable:
-                raise
-            return False
-
-    deadline = trio.current_time() + bound
-    while not await trio.to_thread.run_sync(check):
-        if trio.current_time() > deadline:
-            raise AssertionError(f"{what}: not within {bound}s")
-        await trio.sleep(0.2)
 
 
 @pytest.mark.parametrize("partitions", [1, 3, 12, 100])
@@ -126,29 +101,6 @@ async def test_keyed_end_to_end_100k(broker: keylane.KafkaBroker) -> None:
     assert broker.committed(group) == committed_ends(broker, topic)
 
 
-def _spawn_member(
-    bootstrap: str, topic: str, group: str, table: str, effects: str
-) -> subprocess.Popen[str]:
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.brokers.kafka_member",
-            bootstrap,
-            topic,
-            group,
-            table,
-            effects,
-        ],
-        cwd=kafka_server.ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert p.stdout is not None
-    assert p.stdout.readline().strip() == "ready"
-    return p
-
-
 async def test_sigkill_one_of_two_member_processes(
     broker: keylane.KafkaBroker, kafka_bootstrap: str, tmp_path: pathlib.Path
 ) -> None:
@@ -157,8 +109,8 @@ async def test_sigkill_one_of_two_member_processes(
     n, keys = 20_000, 200
     await trio.to_thread.run_sync(produce_versions, broker, topic, n, keys)
     table, effects = str(tmp_path / "effects.lmdb"), str(tmp_path / "effects.log")
-    a = _spawn_member(kafka_bootstrap, topic, group, table, effects)
-    b = _spawn_member(kafka_bootstrap, topic, group, table, effects)
+    a = spawn_member(f"kafka:{kafka_bootstrap}", topic, group, table, effects)
+    b = spawn_member(f"kafka:{kafka_bootstrap}", topic, group, table, effects)
     try:
         # Both members working, then one dies mid-stream.
         await wait_for(
@@ -169,31 +121,9 @@ async def test_sigkill_one_of_two_member_processes(
         ends = committed_ends(broker, topic)
         await wait_for(lambda: broker.committed(group) == ends, 120, "the survivor commits all")
     finally:
-        for p in (a, b):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in (a, b):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=30)
-            if p.poll() is None:
-                p.kill()
+        stop_members(a, b)
     assert b.returncode == 0
-    applied: dict[bytes, list[int]] = collections.defaultdict(list)
-    lines = await trio.to_thread.run_sync(pathlib.Path(effects).read_bytes)
-    for line in lines.splitlines():
-        key, version = line.split()
-        applied[key].append(int(version))
-    # No effect twice, none out of order.
-    for key, versions in applied.items():
-        assert versions == sorted(set(versions)), f"{key!r}: {versions}"
-    with keylane.VersionTable(table) as t:
-        for k in range(keys):
-            last = max(v for v in range(n) if v % keys == k)
-            assert t.get_value(f"k{k}")[0] == last  # type: ignore[index]
-    # Lines lost with the killed process (effect applied, line not yet
-    # written) are at most its handlers in flight.
-    written = sum(len(v) for v in applied.values())
-    assert written >= n - 16
+    await trio.to_thread.run_sync(check_effects, effects, table, n, keys, 16)
 
 
 async def test_restart_resumes_from_committed_offsets(broker: keylane.KafkaBroker) -> None:

@@ -45,7 +45,7 @@ import trio
 from keylane.brokers._sqs_codec import encode
 from keylane.brokers._sqs_common import Options, broker_error, check_queue_name, make_client
 from keylane.brokers._sqs_consumer import SqsFifoConsumer
-from keylane.errors import BrokerError, ConfigError, InvalidArgument
+from keylane.errors import BrokerError, ConfigError, InvalidArgument, UnknownTopic
 from keylane.message import (
     HeaderValue,
     KeyLike,
@@ -141,6 +141,13 @@ class SqsFifoBroker:
         self._urls[name] = url
         return url
 
+    def _exists(self, name: str) -> bool:
+        try:
+            self.queue_url(name)
+        except UnknownTopic:
+            return False
+        return True
+
     # ---- producing ------------------------------------------------------------------------
 
     def produce(
@@ -186,6 +193,18 @@ class SqsFifoBroker:
             pending, self._pending = self._pending, []
         if not pending:
             return
+        # Messages to a queue that does not exist are dropped, and said so.
+        try:
+            missing = dict.fromkeys([t for t in {t for t, _ in pending} if not self._exists(t)], 0)
+        except BaseException:
+            with self._lock:
+                self._pending[:0] = pending
+            raise
+        if missing:
+            for topic, _ in pending:
+                if topic in missing:
+                    missing[topic] += 1
+            pending = [(t, e) for t, e in pending if t not in missing]
         lanes: list[list[tuple[str, dict[str, Any]]]] = [[] for _ in range(_LANES)]
         for topic, entry in pending:
             lane = zlib.crc32(f"{topic}\0{entry['MessageGroupId']}".encode()) % _LANES
@@ -205,6 +224,12 @@ class SqsFifoBroker:
                 self._pending[:0] = unsent
         if errors:
             raise errors[0]
+        if missing:
+            raise UnknownTopic(
+                "SQS: no such queue: "
+                + ", ".join(f"{t} ({n} message(s) not sent)" for t, n in sorted(missing.items()))
+                + "; create it first (keylane never creates queues implicitly)"
+            )
 
     def _send_lane(
         self, lane: list[tuple[str, dict[str, Any]]], deadline: float
