@@ -19,6 +19,7 @@ from tests import kafka_server
 from tests.servers import Server
 
 SQS = Server("elasticmq.sh", "ElasticMQ, the SQS FIFO server for the real-broker tests")
+REDIS = Server("redis.sh", "redis-server for the Redis Streams tests")
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +38,15 @@ def sqs_endpoint() -> Iterator[str]:
     yield address
     if started:
         SQS.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The URL of the redis-server (started if scripts/test did not)."""
+    address, started = REDIS.start()
+    yield address
+    if started:
+        REDIS.stop()
 
 
 # Retries quick enough for tests on a virtual clock.

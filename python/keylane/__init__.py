@@ -67,6 +67,7 @@ __all__ = [
     "OffsetOrderError",
     "Prometheus",
     "QueueFull",
+    "RedisStreamsBroker",
     "RetryPolicy",
     "SqsFifoBroker",
     "StoreError",
@@ -90,6 +91,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from keylane.brokers.kafka import KafkaBroker
+    from keylane.brokers.redis_streams import RedisStreamsBroker
     from keylane.brokers.sqs_fifo import SqsFifoBroker
 
 # Adapters whose client library is an extra: importing keylane does not
@@ -97,6 +99,7 @@ if TYPE_CHECKING:
 _ADAPTERS = {
     "KafkaBroker": ("keylane.brokers.kafka", "kafka", "confluent-kafka"),
     "SqsFifoBroker": ("keylane.brokers.sqs_fifo", "sqs", "boto3"),
+    "RedisStreamsBroker": ("keylane.brokers.redis_streams", "redis", "redis"),
 }
 
 

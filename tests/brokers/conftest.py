@@ -24,6 +24,8 @@ from tests import kafka_server
 KAFKA_CONFIG = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 # A message a consumer gave up comes back after this long.
 SQS_CONFIG = {"visibility_timeout": 6}
+# A member that died is presumed dead after this long.
+REDIS_CONFIG = {"lease_ms": 3000}
 
 
 @dataclasses.dataclass
@@ -74,6 +76,9 @@ class Harness:
         if self.name == "sqs":
             assert isinstance(self.broker, keylane.SqsFifoBroker)
             return keylane.SqsFifoBroker(self.broker.endpoint_url, config=SQS_CONFIG)
+        if self.name == "redis":
+            assert isinstance(self.broker, keylane.RedisStreamsBroker)
+            return keylane.RedisStreamsBroker(self.broker.url, config=REDIS_CONFIG)
         return self.broker
 
 
@@ -131,11 +136,28 @@ def sqs_harness(endpoint: str) -> Harness:
     )
 
 
+def redis_harness(url: str) -> Harness:
+    b = keylane.RedisStreamsBroker(url, config=REDIS_CONFIG)
+    return Harness(
+        name="redis",
+        broker=b,
+        create_topic=b.create_topic,
+        end_offsets=b.end_offsets,
+        committed=b.committed,
+        add_partitions=b.add_partitions,
+        flush=b.flush_sync,
+        session_timeout=REDIS_CONFIG["lease_ms"] / 1000,
+        join_bound=20.0,
+    )
+
+
 def _make(request: pytest.FixtureRequest) -> Harness:
     if request.param == "memory":
         return memory_harness()
     if request.param == "kafka":
         return kafka_harness(request.getfixturevalue("kafka_bootstrap"))
+    if request.param == "redis":
+        return redis_harness(request.getfixturevalue("redis_url"))
     assert request.param == "sqs"
     return sqs_harness(request.getfixturevalue("sqs_endpoint"))
 
@@ -148,7 +170,11 @@ async def _closing(h: Harness) -> AsyncIterator[Harness]:
                 await c.close()
 
 
-_PARTITIONED = ["memory", pytest.param("kafka", marks=pytest.mark.kafka)]
+_PARTITIONED = [
+    "memory",
+    pytest.param("kafka", marks=pytest.mark.kafka),
+    pytest.param("redis", marks=pytest.mark.redis),
+]
 
 
 @pytest.fixture(params=[*_PARTITIONED, pytest.param("sqs", marks=pytest.mark.sqs)])
