@@ -84,6 +84,9 @@ class Keys:
     def members(self, group: str) -> str:
         return f"{self.prefix}group:{group}:members"
 
+    def subscriptions(self, group: str) -> str:
+        return f"{self.prefix}group:{group}:subscriptions"
+
     def owner(self, group: str, topic: str, partition: int) -> str:
         return f"{self.prefix}group:{group}:owner:{topic}:{partition}"
 

@@ -59,7 +59,10 @@ class RedisStreamsConsumer:
         self._counts: dict[str, int] = {}
         self._settled = False
         self._next_tick = 0.0
-        self._news: list[Fetch] = []
+        # Changes a look at the group found (in any call), for the next fetch.
+        self._assigned: set[TopicPartition] = set()
+        self._revoked: set[TopicPartition] = set()
+        self._lost: set[TopicPartition] = set()
 
     @property
     def group(self) -> str:
@@ -97,7 +100,9 @@ class RedisStreamsConsumer:
 
     def _fetch_sync(self, max_records: int, max_wait: float) -> Fetch:
         try:
-            assigned, revoked, lost = self._tick_if_due()
+            self._tick_if_due()
+            assigned, revoked, lost = self._assigned, self._revoked, self._lost
+            self._assigned, self._revoked, self._lost = set(), set(), set()
             chunks: list[tuple[TopicPartition, list[Message]]] = []
             at_end = False
             if max_records > 0:
@@ -116,16 +121,19 @@ class RedisStreamsConsumer:
             partitions=dict(self._counts),
         )
 
-    def _tick_if_due(self) -> tuple[set[TopicPartition], set[TopicPartition], set[TopicPartition]]:
+    def _tick_if_due(self) -> None:
         now = time.monotonic()
         if now < self._next_tick:
-            return set(), set(), set()
+            return
         self._next_tick = now + self._o.lease_ms / 3000
         t = self._m.tick(self._topics, self._owned, self._revoking)
         self._counts = t.counts
         self._settled = t.settled
         for tp in t.lost:
             self._forget(tp)
+            self._assigned.discard(tp)
+            self._revoked.discard(tp)
+        self._lost |= t.lost
         if t.lost:
             log.warning(
                 "redis: group %s member %s lost %s (its lease lapsed: presumed dead by the others)",
@@ -139,7 +147,8 @@ class RedisStreamsConsumer:
             self._owned.add(tp)
             self._claiming[tp] = idle
             self._delivered.setdefault(tp, [])
-        return set(t.claimed), t.to_revoke, t.lost
+        self._assigned |= set(t.claimed)
+        self._revoked |= t.to_revoke
 
     def _ensure_group(self, tp: TopicPartition) -> None:
         try:

@@ -8,8 +8,10 @@ topic-partition) one owner at a time:
 - Members renew ``{prefix}group:{g}:members`` (a sorted set: member -> lease
   end, ms) every third of ``lease_ms``; a member whose lease ended is
   dropped by whoever looks next.
-- The target assignment is computed alike by every member from the live
-  members (sorted) and the partitions (sorted): round robin.
+- Each member notes the topics it consumes (``subscriptions``, a hash).
+  The target assignment is computed alike by every member: each topic's
+  partitions in order, round robin over the live members (sorted) that
+  consume it.
 - A member owns partition p while it holds ``owner:{topic}:{p}`` (SET NX PX
   lease, renewed with the membership). A partition that leaves its target
   is reported revoked; the runtime drains and commits it, then ``release``
@@ -95,12 +97,23 @@ class Membership:
             p.get(k.partitions(t))
         p.zadd(k.members(self.group), {self.member: now + lease})
         p.zremrangebyscore(k.members(self.group), "-inf", now)
+        p.hset(k.subscriptions(self.group), self.member, "\n".join(topics))
         p.zrange(k.members(self.group), 0, -1)
+        p.hgetall(k.subscriptions(self.group))
         replies: list[Any] = p.execute()
         counts = {t: int(c) for t, c in zip(topics, replies[: len(topics)], strict=True) if c}
-        live = sorted(m.decode() for m in replies[-1])
+        live = sorted(m.decode() for m in replies[-2])
+        subs = {m.decode(): set(v.decode().split("\n")) for m, v in replies[-1].items()}
+        gone = [m for m in subs if m not in live]
+        if gone:
+            self.r.hdel(k.subscriptions(self.group), *gone)
         every = sorted(TopicPartition(t, i) for t, n in counts.items() for i in range(n))
-        target = {tp: live[i % len(live)] for i, tp in enumerate(every)} if live else {}
+        target: dict[TopicPartition, str] = {}
+        for t, n in sorted(counts.items()):
+            eligible = [m for m in live if t in subs.get(m, ())]
+            for i in range(n):
+                if eligible:
+                    target[TopicPartition(t, i)] = eligible[i % len(eligible)]
         held = sorted(owned)
         lost: set[TopicPartition] = set()
         if held:
@@ -119,7 +132,7 @@ class Membership:
         if every:
             holders: list[Any] = self.r.mget([k.owner(self.group, *tp) for tp in every])
             settled = all(
-                h is not None and h.decode() == target[tp]
+                h is not None and h.decode() == target.get(tp)
                 for tp, h in zip(every, holders, strict=True)
             )
         return Tick(counts, claimed, to_revoke, lost, settled)
@@ -134,3 +147,4 @@ class Membership:
     def leave(self, tps: Sequence[TopicPartition]) -> None:
         self.release(tps)
         self.r.zrem(self.keys.members(self.group), self.member)
+        self.r.hdel(self.keys.subscriptions(self.group), self.member)
