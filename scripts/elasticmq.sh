@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # ElasticMQ (an SQS-compatible server with FIFO queues) on 127.0.0.1 for
 # keylane's SQS FIFO tests and benchmarks.
-# Usage: scripts/elasticmq.sh start|stop|status|restart|bounce|log
-# (`bounce` restarts the running server on the same data).
+# Usage: scripts/elasticmq.sh start|stop|status|restart|bounce|halt|resume|pause|unpause|log
+# (`bounce` restarts the running server on the same data; `pause` freezes
+# the process, so calls hang until `unpause`, a server that stopped
+# answering with nothing lost).
 #
 # - The server jars come from Maven Central (scripts/elasticmq/pom.xml) and
 #   are cached in .state/elasticmq/lib (git-ignored); java and mvn are
 #   installed with apt-get when missing.
 # - Queues and messages are stored (H2 database, queue file) in a fresh
 #   temporary folder per start, so `bounce` keeps them; `stop` deletes it.
+#   (ElasticMQ's store is not durable for deletes and receives under load: a
+#   restart can bring back deleted messages or drop some; tests of a server
+#   that goes away use `pause`.)
 # - Port 9324 unless KEYLANE_SQS_PORT says otherwise.
 # - `start` is idempotent and prints the endpoint URL as its last line;
 #   `stop` ends only the process this script started (by its pid).
@@ -176,6 +181,12 @@ resume() {
   echo "http://127.0.0.1:$port"
 }
 
+signal_server() {
+  local pid
+  pid=$(running_pid) || { say "not running"; exit 1; }
+  kill "-$1" "$pid"
+}
+
 stop() {
   kill_server
   local dir
@@ -205,7 +216,9 @@ case "${1:-}" in
   bounce) bounce ;;
   halt) halt ;;
   resume) resume ;;
+  pause) signal_server STOP ;;
+  unpause) signal_server CONT ;;
   status) status ;;
   log) log_tail "${2:-60}" ;;
-  *) echo "usage: $0 start|stop|restart|bounce|halt|resume|status|log [lines]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|restart|bounce|halt|resume|pause|unpause|status|log [lines]" >&2; exit 2 ;;
 esac

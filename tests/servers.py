@@ -60,6 +60,13 @@ class Server:
     def resume(self) -> str:
         return self._must("resume")
 
+    def pause(self) -> None:
+        """Freezes the server (calls hang, nothing is lost) until ``unpause``."""
+        self._must("pause")
+
+    def unpause(self) -> None:
+        self._must("unpause")
+
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"

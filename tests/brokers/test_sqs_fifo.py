@@ -190,13 +190,18 @@ async def test_dead_lettered_messages_leave_their_group_moving(
     assert dead.key == b"k0"
 
 
-async def test_server_stopped_mid_run_then_back_loses_nothing(
-    broker: keylane.SqsFifoBroker,
+async def test_server_stopped_answering_mid_run_then_back_loses_nothing(
+    sqs_endpoint: str,
 ) -> None:
+    # The server is frozen (SIGSTOP): every call hangs until its timeout.
+    # (A restart is not used: ElasticMQ's store can lose deletes and
+    # receives across one, which no client could make up for.)
+    config = {"visibility_timeout": VISIBILITY, "read_timeout": 2, "connect_timeout": 1}
+    broker = keylane.SqsFifoBroker(sqs_endpoint, config=config)
     q = queue(broker, "down")
     n = 1500
     await trio.to_thread.run_sync(produce_versions, broker, q, n, 50)
-    app = keylane.App(broker, topics=[q], group="g", concurrency=8, broker_timeout=5)
+    app = keylane.App(broker, topics=[q], group="g", concurrency=8, broker_timeout=3)
     check = OrderChecker()
 
     @app.handler
@@ -210,19 +215,20 @@ async def test_server_stopped_mid_run_then_back_loses_nothing(
             async with trio.open_nursery() as nursery:
                 await nursery.start(app.run)
                 await wait_for(lambda: check.count > 200, 60, "handling starts")
-                await trio.to_thread.run_sync(SQS.halt)
+                await trio.to_thread.run_sync(SQS.pause)
                 down_at = app.stats()["broker_retries"]
                 await trio.sleep(2 * VISIBILITY)
                 assert app.stats()["broker_retries"] > down_at, "no retries while down"
-                await trio.to_thread.run_sync(SQS.resume)
+                await trio.to_thread.run_sync(SQS.unpause)
                 await wait_for(lambda: broker.counts(q) == (0, 0), 120, "resume")
                 await wait_for(lambda: not check.running, 10, "handlers finish")
                 app.stop()
     finally:
-        await trio.to_thread.run_sync(SQS.resume)
-    # A message whose delete was lost with the server comes back once.
+        await trio.to_thread.run_sync(SQS.unpause)
+    # While frozen, visibilities lapsed: those messages came back once.
     check.assert_ordered_with_replays(2)
-    assert {v for vs in check.versions.values() for v in vs} == set(range(n))
+    missing = set(range(n)) - {v for vs in check.versions.values() for v in vs}
+    assert not missing, (sorted(missing)[:20], len(missing), app.stats())
 
 
 async def test_unreachable_endpoint_fails_clearly_within_a_bound() -> None:

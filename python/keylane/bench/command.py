@@ -182,8 +182,9 @@ def _choice(options: Sequence[str]) -> Callable[[str], str]:
     "--broker",
     default="memory",
     show_envvar=True,
-    help="memory (the in-process broker) or kafka://HOST:PORT (a real broker; the "
-    "throughput preset then compares against a bare confluent-kafka loop).",
+    help="memory (the in-process broker), or a real one: kafka://HOST:PORT, "
+    "sqs://HOST:PORT (SQS FIFO, e.g. ElasticMQ), redis://HOST:PORT[/DB]; the throughput "
+    "preset then compares against a bare loop of the broker's own client.",
 )
 @click.option(
     "--rate",
@@ -423,7 +424,7 @@ class _Run:
             )
             self.echo(f"throughput: {workload.describe()}")
             if self.broker != "memory":
-                self.kafka_throughput(workload)
+                self.broker_throughput(workload)
                 continue
             result = runner.run(
                 workload,
@@ -439,18 +440,40 @@ class _Run:
             if self.check and default and result.keylane_rate < runner.TARGET_MSG_PER_S:
                 self.failed.append("throughput target missed")
 
-    def kafka_throughput(self, workload: Any) -> None:
-        from keylane.bench import kafka
+    def broker_throughput(self, workload: Any) -> None:
+        """keylane against the bare client loop of the broker's own client."""
+        from keylane.bench import bare
 
-        bootstrap = kafka.parse_url(self.broker)
-        result = kafka.run(workload, bootstrap, rounds=self.rounds, progress=self.echo)
+        result = self.bare_comparison(workload)
         for line in result.summary():
             self.echo(line)
         self.rows.append(
             {"preset": "throughput", "broker": self.broker, **dataclasses.asdict(result)}
         )
-        if self.check and result.ratio < kafka.TARGET_RATIO:
-            self.failed.append("Kafka throughput target missed")
+        if self.check and result.ratio < bare.TARGET_RATIO:
+            self.failed.append(f"{result.broker} throughput target missed")
+
+    def bare_comparison(self, workload: Any) -> Any:
+        if self.broker.startswith("sqs://"):
+            from keylane.bench import sqs_fifo
+
+            return sqs_fifo.run(
+                workload, sqs_fifo.parse_url(self.broker), rounds=self.rounds, progress=self.echo
+            )
+        if self.broker.startswith("redis://"):
+            from keylane.bench import redis_streams
+
+            return redis_streams.run(
+                workload,
+                redis_streams.parse_url(self.broker),
+                rounds=self.rounds,
+                progress=self.echo,
+            )
+        from keylane.bench import kafka
+
+        return kafka.run(
+            workload, kafka.parse_url(self.broker), rounds=self.rounds, progress=self.echo
+        )
 
     def parallel_consumer_preset(self) -> None:
         from keylane.bench import parallel_consumer as pc
@@ -475,9 +498,11 @@ class _Run:
             self.failed.append("parallel-consumer targets missed")
 
     def latency_preset(self) -> None:
-        if self.broker != "memory":
+        if self.broker.startswith("kafka://"):
             self.kafka_latency()
             return
+        if self.broker != "memory":
+            raise ConfigError("the latency preset runs on memory or kafka://HOST:PORT")
         from keylane.bench import load, plots, table
 
         keys = self.keys or (10_000,)

@@ -11,58 +11,17 @@ also includes its final commit.
 
 from __future__ import annotations
 
-import dataclasses
-import statistics
 import time
 import uuid
 from collections.abc import Callable
 
 import confluent_kafka
 
+from keylane.bench.bare import BareComparison
 from keylane.bench.runner import keylane_round
 from keylane.bench.workloads import Workload
 from keylane.brokers.kafka import KafkaBroker
 from keylane.errors import ConfigError
-
-# keylane with a no-op handler must reach this fraction of the bare loop.
-TARGET_RATIO = 0.7
-
-
-@dataclasses.dataclass
-class KafkaResult:
-    workload: Workload
-    bootstrap: str
-    produce_s: float | None
-    keylane: list[float] = dataclasses.field(default_factory=list)
-    bare: list[float] = dataclasses.field(default_factory=list)
-
-    def rate(self, seconds: float) -> float:
-        return self.workload.messages / seconds
-
-    @property
-    def keylane_rate(self) -> float:
-        return self.rate(statistics.median(self.keylane))
-
-    @property
-    def bare_rate(self) -> float:
-        return self.rate(statistics.median(self.bare))
-
-    @property
-    def ratio(self) -> float:
-        """Median of the per-round ratios keylane / bare (higher is better)."""
-        return statistics.median(b / k for b, k in zip(self.bare, self.keylane, strict=True))
-
-    def summary(self) -> list[str]:
-        lines = [
-            f"keylane on Kafka: {self.keylane_rate:,.0f} msg/s; bare confluent-kafka loop: "
-            f"{self.bare_rate:,.0f} msg/s; keylane is {self.ratio:.2f}x the bare loop "
-            f"(median of {len(self.keylane)} per-round ratios)"
-        ]
-        w = self.workload
-        if not w.handler_sleep and w.ordering == "key":
-            verdict = "PASS" if self.ratio >= TARGET_RATIO else "MISS"
-            lines.append(f"target: >= {TARGET_RATIO}x the bare loop: {verdict}")
-        return lines
 
 
 def parse_url(url: str) -> str:
@@ -127,22 +86,18 @@ def run(
     *,
     rounds: int = 3,
     progress: Callable[[str], None] = lambda line: None,
-) -> KafkaResult:
+) -> BareComparison:
     broker = KafkaBroker(bootstrap)
     topic, produce_s = prepare(broker, w)
     if produce_s is None:
         progress(f"reusing topic {topic} ({w.messages:,} messages)")
     else:
         progress(f"produced {w.messages:,} messages to {topic} in {produce_s:.1f} s")
-    result = KafkaResult(w, bootstrap, produce_s)
+    result = BareComparison(w, "Kafka", "bare confluent-kafka loop", produce_s)
     for r in range(1, rounds + 1):
         result.keylane.append(
             keylane_round(broker, w, f"bench-keylane-{uuid.uuid4().hex[:8]}", topic)
         )
         result.bare.append(_bare_round(bootstrap, topic, w))
-        progress(
-            f"round {r}: keylane {result.rate(result.keylane[-1]):,.0f} msg/s | bare loop "
-            f"{result.rate(result.bare[-1]):,.0f} msg/s | "
-            f"{result.bare[-1] / result.keylane[-1]:.2f}x"
-        )
+        progress(result.round_line(r))
     return result

@@ -53,17 +53,58 @@ def kafka(bootstrap: str) -> Target:
     return Target(f"kafka://{bootstrap}", fresh, flush)
 
 
+def sqs_fifo(endpoint: str) -> Target:
+    """Each run a new FIFO queue (SQS queues have no partitions: one)."""
+    from keylane.brokers.sqs_fifo import SqsFifoBroker
+
+    broker = SqsFifoBroker(endpoint)
+
+    def fresh(partitions: int) -> tuple[Broker, str]:
+        queue = f"bench-{uuid.uuid4().hex[:12]}.fifo"
+        broker.create_topic(queue)
+        return broker, queue
+
+    def flush(b: Broker) -> None:
+        broker.flush_sync(timeout=600)
+
+    return Target(f"sqs://{endpoint.split('://', 1)[1]}", fresh, flush)
+
+
+def redis_streams(url: str) -> Target:
+    from keylane.brokers.redis_streams import RedisStreamsBroker
+
+    broker = RedisStreamsBroker(url)
+
+    def fresh(partitions: int) -> tuple[Broker, str]:
+        topic = f"bench-{uuid.uuid4().hex[:12]}"
+        broker.create_topic(topic, partitions)
+        return broker, topic
+
+    def flush(b: Broker) -> None:
+        broker.flush_sync()
+
+    return Target(url, fresh, flush)
+
+
 def parse(url: str) -> Target:
-    """``memory`` or ``kafka://HOST:PORT``."""
+    """``memory``, ``kafka://HOST:PORT``, ``sqs://HOST:PORT`` or ``redis://HOST:PORT[/DB]``."""
     if url == "memory":
         return memory()
     if url.startswith("kafka://"):
         from keylane.bench.kafka import parse_url
 
         return kafka(parse_url(url))
+    if url.startswith("sqs://"):
+        from keylane.bench import sqs_fifo as sqs
+
+        return sqs_fifo(sqs.parse_url(url))
+    if url.startswith("redis://"):
+        from keylane.bench import redis_streams as rs
+
+        return redis_streams(rs.parse_url(url))
     raise ConfigError(
-        f"broker must be memory or kafka://HOST:PORT (e.g. kafka://127.0.0.1:9092), "
-        f"got {url!r} (SQS FIFO and Redis Streams arrive with their adapters)"
+        "broker must be memory, kafka://HOST:PORT, sqs://HOST:PORT or redis://HOST:PORT "
+        f"(e.g. kafka://127.0.0.1:9092), got {url!r}"
     )
 
 

@@ -35,7 +35,7 @@ class Options:
     """``SqsFifoBroker``'s ``config``, checked."""
 
     visibility_timeout: int = 30
-    receivers: int = 4
+    receivers: int = 1
     wait_time: int = 1
     max_message_bytes: int = DEFAULT_MAX_BYTES
     connect_timeout: float = 5.0

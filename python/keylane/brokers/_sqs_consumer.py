@@ -32,8 +32,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -47,9 +47,12 @@ if TYPE_CHECKING:
     from keylane.brokers.sqs_fifo import SqsFifoBroker
 
 log = logging.getLogger("keylane")
+T = TypeVar("T")
 
 _SYSTEM_ATTRIBUTES = ["SentTimestamp", "MessageGroupId", "ApproximateReceiveCount"]
 _PER_CALL = 10  # SQS's most messages per receive, delete or change call
+# The most receives one receiver makes for one fetch.
+_RECEIVES = 8
 
 
 @dataclasses.dataclass
@@ -83,8 +86,14 @@ class SqsFifoConsumer:
         self._buffer: deque[Message] = deque()
         self._paused: frozenset[str] = frozenset()
         self._extend_at = 0.0
+        # Taken out of _out by an ack or commit, not deleted yet.
+        self._to_delete: list[tuple[str, int, _Out]] = []
         self._turn = 0
         self.lapsed = 0
+        # Every SQS call of this consumer (receive, delete, visibility) takes
+        # one of ``receivers`` slots: ElasticMQ slows down under concurrent
+        # calls on one FIFO queue, AWS does not (raise ``receivers`` there).
+        self._limiter = trio.CapacityLimiter(self._o.receivers)
 
     @property
     def group(self) -> str:
@@ -105,8 +114,11 @@ class SqsFifoConsumer:
     async def join(self) -> None:
         for t in self._topics:
             if t not in self._urls:
-                self._urls[t] = await self._broker._in_thread(self._broker.queue_url, t)
+                self._urls[t] = await self._in_thread(self._broker.queue_url, t)
         self._joined = True
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     # ---- receiving ------------------------------------------------------------------------
 
@@ -117,7 +129,7 @@ class SqsFifoConsumer:
         if not self._reported:
             assigned, self._reported = self._tps, True
         with self._lock:
-            busy = bool(self._by_id)
+            busy = bool(self._by_id or self._to_delete)
         got = 0
         if max_records > 0 and not self._buffered():
             got = await self._receive(max_records, max_wait)
@@ -157,10 +169,9 @@ class SqsFifoConsumer:
         # long; an empty short poll waits out max_wait instead of spinning.
         wait = self._o.wait_time if max_wait >= 0.5 else 0
         calls = min(self._o.receivers, math.ceil(max_records / _PER_CALL))
-        plan = []
-        for i in range(calls):
-            q = queues[(self._turn + i) % len(queues)]
-            plan.append((q, min(_PER_CALL, max_records - i * _PER_CALL)))
+        # Each receiver takes a share of max_records, in receives of 10.
+        share = max(1, max_records // calls)
+        plan = [(queues[(self._turn + i) % len(queues)], share) for i in range(calls)]
         self._turn += 1
         got: list[int] = []
         errors: list[BrokerError] = []
@@ -173,7 +184,7 @@ class SqsFifoConsumer:
                         queue,
                         count,
                         wait,
-                        limiter=self._broker.limiter,
+                        limiter=self._limiter,
                         abandon_on_cancel=True,
                     )
                 )
@@ -190,7 +201,26 @@ class SqsFifoConsumer:
             await trio.sleep(max_wait)
         return sum(got)
 
-    def _receive_sync(self, queue: str, count: int, wait: int) -> int:
+    def _receive_sync(self, queue: str, want: int, wait: int) -> int:
+        """A receive of 10, and more while each came full from one message
+        group (ElasticMQ serves one group per receive, so few busy groups
+        need several receives to keep several keys running; AWS mixes
+        groups), up to ``want`` messages or ``_RECEIVES`` receives. Returns
+        how many came."""
+        # Handled messages go first: they free their groups for this very
+        # receive, and ElasticMQ serves FIFO receives several times slower
+        # while messages are in flight (measured: docs/benchmarks.md).
+        self._flush_deletes()
+        got = 0
+        for i in range(_RECEIVES):
+            n, groups = self._receive_once(queue, min(_PER_CALL, want - got), wait if i == 0 else 0)
+            got += n
+            if n < _PER_CALL or groups > 1 or got >= want:
+                break
+        return got
+
+    def _receive_once(self, queue: str, count: int, wait: int) -> tuple[int, int]:
+        """How many messages came, and from how many groups."""
         try:
             r = self._broker.client.receive_message(
                 QueueUrl=self._urls[queue],
@@ -226,7 +256,7 @@ class SqsFifoConsumer:
                 self._buffer.append(decode(raw, queue, offset))
         if late:
             self._return_sync([(queue, i, raw["ReceiptHandle"]) for i, raw in enumerate(late)])
-        return len(raws)
+        return len(raws), len({raw.get("Attributes", {}).get("MessageGroupId") for raw in raws})
 
     # ---- visibility -----------------------------------------------------------------------
 
@@ -244,7 +274,7 @@ class SqsFifoConsumer:
                 if out.deadline - now < vis / 2
             ]
         if due:
-            await self._broker._in_thread(self._extend_sync, due)
+            await self._in_thread(self._extend_sync, due)
 
     def _extend_sync(self, due: list[tuple[str, int, str]]) -> None:
         vis = self._o.visibility_timeout
@@ -334,8 +364,20 @@ class SqsFifoConsumer:
         await self._extend_if_due()
 
     async def _delete(self, picked: list[tuple[str, int, _Out]]) -> None:
+        with self._lock:
+            self._to_delete.extend(picked)
+        await self._in_thread(self._flush_deletes)
+
+    def _flush_deletes(self) -> None:
+        """Deletes what is queued for deletion (whichever call gets here
+        first: an ack, a commit, or the next receive, which deletes before
+        it receives)."""
+        with self._lock:
+            picked, self._to_delete = self._to_delete, []
+        if not picked:
+            return
         try:
-            await self._broker._in_thread(self._delete_sync, picked)
+            self._delete_sync(picked)
         except BaseException:
             # Not deleted (or not known to be): keep them, so a later ack,
             # commit or the visibility upkeep still covers them.
@@ -400,7 +442,7 @@ class SqsFifoConsumer:
             self._by_id.clear()
             self._buffer.clear()
         if back and self._urls:
-            await self._broker._in_thread(self._return_sync, back)
+            await self._in_thread(self._return_sync, back)
 
     def _return_sync(self, back: list[tuple[str, int, str]]) -> None:
         """Undeleted messages become visible to other consumers now, not
