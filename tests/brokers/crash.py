@@ -17,6 +17,29 @@ from keylane.brokers import Broker
 from tests.servers import ROOT
 
 
+def bench_both_sides(broker_url: str, tmp: pathlib.Path, *extra: str) -> dict[str, object]:
+    """``keylane bench --preset throughput`` on a real broker, one round:
+    its JSON row, after checking both sides ran."""
+    import json
+
+    from click.testing import CliRunner
+
+    from keylane.cli import ENV_PREFIX, main
+
+    out = tmp / "bench.json"
+    args = ["bench", "--preset", "throughput", "--broker", broker_url, "--rounds", "1"]
+    args += [*extra, "--json", str(out)]
+    result = CliRunner().invoke(main, args, auto_envvar_prefix=ENV_PREFIX)
+    assert result.exit_code == 0, result.output
+    assert "the bare loop" in result.output
+    (data,) = json.loads(out.read_text())
+    assert data["preset"] == "throughput"
+    assert len(data["keylane"]) == len(data["bare"]) == 1
+    assert data["keylane"][0] > 0
+    assert data["bare"][0] > 0
+    return dict(data)
+
+
 def produce_versions(broker: Broker, topic: str, n: int, keys: int, *, start: int = 0) -> None:
     """Records ``start..start+n`` over ``keys`` keys, each with its number as
     its ``version`` header; waits until stored."""

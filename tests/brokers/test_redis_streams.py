@@ -19,6 +19,7 @@ import trio
 
 import keylane
 from tests.brokers.crash import (
+    bench_both_sides,
     check_effects,
     produce_versions,
     spawn_member,
@@ -268,6 +269,12 @@ async def test_a_foreign_entry_is_dead_lettered_not_handled(
     assert handled == [b"fine"]
     assert app.stats()["dead_lettered"] == 1
     assert broker.end_offsets(dlq)[0] > 0
+
+
+def test_keylane_bench_on_redis_writes_both_sides(redis_url: str, tmp_path: pathlib.Path) -> None:
+    address = redis_url.split("://", 1)[1]
+    data = bench_both_sides(f"redis://{address}", tmp_path, "-n", "3000", "--keys", "50")
+    assert data["broker"] == f"redis://{address}"
 
 
 async def _noop(msg: keylane.Message) -> None:

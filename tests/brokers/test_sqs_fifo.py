@@ -8,6 +8,7 @@ They never skip. Real time throughout; every wait is bounded.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import random
@@ -19,6 +20,7 @@ import trio
 
 import keylane
 from tests.brokers.crash import (
+    bench_both_sides,
     check_effects,
     produce_versions,
     spawn_member,
@@ -274,6 +276,34 @@ def test_bad_input_is_refused_clearly(broker: keylane.SqsFifoBroker) -> None:
     # Nothing refused was queued: the flush sends nothing.
     broker.flush_sync()
     assert broker.counts(q) == (0, 0)
+
+
+def test_keylane_bench_on_sqs_writes_both_sides(sqs_endpoint: str, tmp_path: pathlib.Path) -> None:
+    address = sqs_endpoint.split("://", 1)[1]
+    data = bench_both_sides(f"sqs://{address}", tmp_path, "-n", "300", "--keys", "50")
+    assert data["broker"] == f"sqs://{address}"
+
+
+def test_sqs_fifo_preset_shows_the_single_group_cap(
+    sqs_endpoint: str, tmp_path: pathlib.Path
+) -> None:
+    from click.testing import CliRunner
+
+    from keylane.cli import ENV_PREFIX, main
+
+    out = tmp_path / "sqs.json"
+    address = sqs_endpoint.split("://", 1)[1]
+    args = ["bench", "--preset", "sqs-fifo", "--broker", f"sqs://{address}", "-n", "200"]
+    args += ["--keys", "1,8", "--repeat", "1", "--json", str(out)]
+    result = CliRunner().invoke(main, args, auto_envvar_prefix=ENV_PREFIX)
+    assert result.exit_code == 0, result.output
+    one, eight = json.loads(out.read_text())
+    assert (one["keys"], eight["keys"]) == (1, 8)
+    # One group runs one message at a time: never above 1 / latency.
+    assert one["throughput"] <= 1000 / 5.0
+    assert one["max_in_flight"] == 1
+    assert eight["throughput"] > 2 * one["throughput"]
+    assert one["order_violations"] == eight["order_violations"] == 0
 
 
 async def _noop(msg: keylane.Message) -> None:

@@ -17,7 +17,7 @@ class BareComparison:
     """Per round, seconds for keylane and for the bare loop (alternating)."""
 
     workload: Workload
-    broker: str
+    label: str
     bare_name: str
     produce_s: float | None
     keylane: list[float] = dataclasses.field(default_factory=list)
@@ -48,7 +48,7 @@ class BareComparison:
 
     def summary(self) -> list[str]:
         lines = [
-            f"keylane on {self.broker}: {self.keylane_rate:,.0f} msg/s; {self.bare_name}: "
+            f"keylane on {self.label}: {self.keylane_rate:,.0f} msg/s; {self.bare_name}: "
             f"{self.bare_rate:,.0f} msg/s; keylane is {self.ratio:.2f}x the bare loop "
             f"(median of {len(self.keylane)} per-round ratios)"
         ]

@@ -451,7 +451,7 @@ class _Run:
             {"preset": "throughput", "broker": self.broker, **dataclasses.asdict(result)}
         )
         if self.check and result.ratio < bare.TARGET_RATIO:
-            self.failed.append(f"{result.broker} throughput target missed")
+            self.failed.append(f"{result.label} throughput target missed")
 
     def bare_comparison(self, workload: Any) -> Any:
         if self.broker.startswith("sqs://"):

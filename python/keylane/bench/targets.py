@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from keylane.brokers.base import Broker, Consumer, Fetch, TopicPartition
+from keylane.brokers.base import Acknowledging, Broker, Consumer, Fetch, TopicPartition
 from keylane.brokers.memory import MemoryBroker
 from keylane.errors import ConfigError
 from keylane.message import HeaderValue, KeyLike, ValueLike
@@ -117,7 +117,12 @@ class Stamped:
         self._stamps = stamps
 
     def consumer(self, group: str, topics: Sequence[str]) -> Consumer:
-        return _StampedConsumer(self._inner.consumer(group, topics), self._stamps)
+        inner = self._inner.consumer(group, topics)
+        if isinstance(inner, Acknowledging):
+            # Kept acknowledging (SQS): without acks a group would wait for
+            # the watermark's commit before SQS hands out its next message.
+            return _StampedAckingConsumer(inner, self._stamps)
+        return _StampedConsumer(inner, self._stamps)
 
     def produce(
         self,
@@ -193,3 +198,10 @@ class _StampedConsumer:
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+class _StampedAckingConsumer(_StampedConsumer):
+    async def ack(self, done: Mapping[TopicPartition, Collection[int]]) -> None:
+        inner = self._inner
+        assert isinstance(inner, Acknowledging)
+        await inner.ack(done)

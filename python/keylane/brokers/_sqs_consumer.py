@@ -53,6 +53,8 @@ _SYSTEM_ATTRIBUTES = ["SentTimestamp", "MessageGroupId", "ApproximateReceiveCoun
 _PER_CALL = 10  # SQS's most messages per receive, delete or change call
 # The most receives one receiver makes for one fetch.
 _RECEIVES = 8
+# How long a fetch waits for handed-out messages to be acknowledged (s).
+_SETTLE = 0.01
 
 
 @dataclasses.dataclass
@@ -88,6 +90,8 @@ class SqsFifoConsumer:
         self._extend_at = 0.0
         # Taken out of _out by an ack or commit, not deleted yet.
         self._to_delete: list[tuple[str, int, _Out]] = []
+        # Set when nothing received is left unacknowledged.
+        self._settled = trio.Event()
         self._turn = 0
         self.lapsed = 0
         # Every SQS call of this consumer (receive, delete, visibility) takes
@@ -132,6 +136,17 @@ class SqsFifoConsumer:
             busy = bool(self._by_id or self._to_delete)
         got = 0
         if max_records > 0 and not self._buffered():
+            if busy:
+                # Let what was handed out be handled and acknowledged first
+                # (briefly): its deletes then go before the receive, which
+                # ElasticMQ serves far faster with nothing in flight, and
+                # frees its groups for this very receive.
+                self._settled = trio.Event()
+                with self._lock:
+                    waiting = bool(self._by_id)
+                if waiting:
+                    with trio.move_on_after(_SETTLE):
+                        await self._settled.wait()
             got = await self._receive(max_records, max_wait)
         records = self._take(max_records) if max_records > 0 else []
         chunks: dict[str, list[Message]] = {}
@@ -366,6 +381,8 @@ class SqsFifoConsumer:
     async def _delete(self, picked: list[tuple[str, int, _Out]]) -> None:
         with self._lock:
             self._to_delete.extend(picked)
+            if not self._by_id:
+                self._settled.set()
         await self._in_thread(self._flush_deletes)
 
     def _flush_deletes(self) -> None:
