@@ -165,7 +165,10 @@ def test_the_sqs_fifo_preset_shows_one_group_against_many(tmp_path: Path) -> Non
         (["--latency", "-1"], "-1 is not a finite number >= 0"),
         (["--distribution", "pareto"], "'pareto' is not one of"),
         (["--preset", "throughput", "--keys", "1,2"], "takes one --keys value"),
-        (["--broker", "nats://x"], "broker must be memory or kafka://HOST:PORT"),
+        (
+            ["--broker", "nats://x"],
+            "broker must be memory, kafka://HOST:PORT, sqs://HOST:PORT or redis://",
+        ),
     ],
 )
 def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
