@@ -143,6 +143,33 @@ async def test_two_members_split_a_topic_and_keep_each_key_in_one(
     assert where[1], "the second member did nothing"
 
 
+async def test_a_member_that_lost_its_lease_cannot_commit(
+    broker: keylane.RedisStreamsBroker,
+) -> None:
+    t = topic(broker, "fence", 1)
+    await trio.to_thread.run_sync(produce_versions, broker, t, 10, 2)
+    group = unique("fence")
+    c = broker.consumer(group, [t])
+    await c.join()
+    tp = keylane.TopicPartition(t, 0)
+    got: list[keylane.Message] = []
+    with trio.fail_after(20):
+        while len(got) < 10:
+            f = await c.fetch(100, 0.2)
+            got += [m for _, chunk in f.chunks for m in chunk]
+    # Its lease lapses (a stall) and another member takes the partition.
+    r = redis.Redis.from_url(broker.url)
+    r.set(broker.keys.owner(group, t, 0), "someone-else")
+    with pytest.raises(keylane.NotAssigned, match="lease lapsed"):
+        await c.commit({tp: got[-1].offset + 1})
+    assert broker.committed(group) == {}
+    assert r.xpending(broker.keys.stream(t, 0), group)["pending"] == 10
+    # The next fetch reports it lost.
+    f = await c.fetch(100, 0.0)
+    assert tp in f.lost
+    assert tp not in c.assignment()
+
+
 async def test_retries_and_the_dlq(broker: keylane.RedisStreamsBroker) -> None:
     t, dlq = topic(broker, "dl", 2), topic(broker, "dl-dead", 1)
     for v in range(20):

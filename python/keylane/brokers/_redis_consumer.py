@@ -13,6 +13,7 @@ the watermark, whoever owns the partition.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
@@ -34,6 +35,7 @@ log = logging.getLogger("keylane")
 
 _CLAIM_BATCH = 500
 _ACK_BATCH = 1000
+_COMMIT_TRIES = 5
 
 
 class RedisStreamsConsumer:
@@ -48,6 +50,10 @@ class RedisStreamsConsumer:
         self._m = Membership(self._r, self._keys, self._o, group, self._member)
         self._joined = False
         self._closed = False
+        # The member's state is changed by the thread of whichever call runs
+        # (fetch, commit, heartbeat, release): one at a time. A fetch holds
+        # it for its blocking read, at most its max_wait.
+        self._state = threading.Lock()
         self._owned: set[TopicPartition] = set()
         self._revoking: set[TopicPartition] = set()
         # Partitions being taken over: min idle (ms) of their claim.
@@ -99,6 +105,10 @@ class RedisStreamsConsumer:
         return await self._broker._in_thread(self._fetch_sync, max_records, max_wait)
 
     def _fetch_sync(self, max_records: int, max_wait: float) -> Fetch:
+        with self._state:
+            return self._fetch_locked(max_records, max_wait)
+
+    def _fetch_locked(self, max_records: int, max_wait: float) -> Fetch:
         try:
             self._tick_if_due()
             assigned, revoked, lost = self._assigned, self._revoked, self._lost
@@ -248,15 +258,61 @@ class RedisStreamsConsumer:
         await self._broker._in_thread(self._commit_sync, dict(offsets), metadata)
 
     def _commit_sync(self, offsets: dict[TopicPartition, int], metadata: str) -> None:
-        k = self._keys
+        with self._state:
+            self._commit_locked(offsets, metadata)
+
+    def _commit_locked(self, offsets: dict[TopicPartition, int], metadata: str) -> None:
         acks: dict[TopicPartition, list[int]] = {}
         for tp, mark in offsets.items():
             delivered = self._delivered.get(tp, [])
             acks[tp] = [o for o in delivered if o < mark]
         try:
             self._tick_if_due()
-            p = self._r.pipeline(transaction=True)
-            for tp, done in acks.items():
+            # Fenced: the commit happens only while this member holds every
+            # partition's lock (a member whose lease lapsed, its partitions
+            # taken over, must not acknowledge or move the watermark).
+            for attempt in range(_COMMIT_TRIES):
+                try:
+                    self._commit_fenced(offsets, acks, metadata)
+                    break
+                except redis.exceptions.WatchError:
+                    # A lock was touched (renewed, most often) meanwhile.
+                    if attempt == _COMMIT_TRIES - 1:
+                        raise BrokerError(
+                            "Redis commit: partition locks kept changing", retriable=True
+                        ) from None
+        except redis.exceptions.RedisError as e:
+            raise broker_error(e, "commit") from e
+        for tp, mark in offsets.items():
+            if tp in self._delivered:
+                self._delivered[tp] = [o for o in self._delivered[tp] if o >= mark]
+
+    def _commit_fenced(
+        self,
+        offsets: dict[TopicPartition, int],
+        acks: dict[TopicPartition, list[int]],
+        metadata: str,
+    ) -> None:
+        k = self._keys
+        tps = sorted(offsets)
+        locks = [k.owner(self._group, *tp) for tp in tps]
+        with self._r.pipeline(transaction=True) as p:
+            p.watch(*locks)  # type: ignore[no-untyped-call]
+            holders: list[Any] = p.mget(locks)
+            taken = [
+                tp for tp, h in zip(tps, holders, strict=True) if _text(h or b"") != self._member
+            ]
+            if taken:
+                for tp in taken:
+                    self._forget(tp)
+                    self._lost.add(tp)
+                raise NotAssigned(
+                    "no longer owned by this member (its lease lapsed): "
+                    + ", ".join(f"{tp.topic}/{tp.partition}" for tp in taken)
+                )
+            p.multi()
+            for tp in tps:
+                done = acks[tp]
                 for i in range(0, len(done), _ACK_BATCH):
                     p.xack(
                         k.stream(*tp), self._group, *[id_of(o) for o in done[i : i + _ACK_BATCH]]
@@ -268,17 +324,16 @@ class RedisStreamsConsumer:
                 else:
                     p.hdel(k.metadata(self._group), field)
             p.execute()
-        except redis.exceptions.RedisError as e:
-            raise broker_error(e, "commit") from e
-        for tp, mark in offsets.items():
-            if tp in self._delivered:
-                self._delivered[tp] = [o for o in self._delivered[tp] if o >= mark]
 
     async def heartbeat(self) -> None:
         self._check_joined()
         await self._broker._in_thread(self._heartbeat_sync)
 
     def _heartbeat_sync(self) -> None:
+        with self._state:
+            self._heartbeat_locked()
+
+    def _heartbeat_locked(self) -> None:
         try:
             self._tick_if_due()
         except redis.exceptions.RedisError as e:
@@ -289,6 +344,10 @@ class RedisStreamsConsumer:
         await self._broker._in_thread(self._release_sync, tps)
 
     def _release_sync(self, tps: list[TopicPartition]) -> None:
+        with self._state:
+            self._release_locked(tps)
+
+    def _release_locked(self, tps: list[TopicPartition]) -> None:
         try:
             self._m.release(tps)
         except redis.exceptions.RedisError as e:
