@@ -79,6 +79,21 @@ def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
     assert message in result.output
 
 
+@pytest.mark.redis
+def test_scale_out_and_repartition_on_redis(redis_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "lab.json"
+    address = redis_url.split("://", 1)[1]
+    result = CliRunner().invoke(
+        main,
+        ["lab", "all", "--broker", f"redis://{address}", "--json", str(out)],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert {r["scenario"] for r in rows} == {"scale-out", "repartition"}
+    check_rows(rows)
+
+
 @pytest.mark.kafka
 def test_scale_out_and_repartition_on_kafka(kafka_bootstrap: str, tmp_path: Path) -> None:
     out = tmp_path / "lab.json"

@@ -31,7 +31,8 @@ _CHOICES = [*SCENARIOS, "all"]
     "--broker",
     default="memory",
     show_default=True,
-    help="memory, or kafka://HOST:PORT (scale-out and repartition).",
+    help="memory, or kafka://HOST:PORT or redis://HOST:PORT (scale-out and repartition; "
+    "on Redis the assignor column is keylane's lease protocol, whatever it says).",
 )
 @click.option(
     "--json",
@@ -62,12 +63,15 @@ def lab(
     redelivery, total-vs-partial (docs/lab.md explains each)."""
     names = list(SCENARIOS) if scenario == "all" else [scenario]
     if broker != "memory":
-        if not broker.startswith("kafka://"):
-            raise click.UsageError(f"--broker must be memory or kafka://HOST:PORT, got {broker!r}")
+        if not broker.startswith(("kafka://", "redis://")):
+            raise click.UsageError(
+                f"--broker must be memory, kafka://HOST:PORT or redis://HOST:PORT, got {broker!r}"
+            )
         names = [n for n in names if n in ON_KAFKA]
         if not names:
             raise click.UsageError(
-                f"{scenario} runs on the memory broker only; on Kafka: {', '.join(ON_KAFKA)}"
+                f"{scenario} runs on the memory broker only; on Kafka and Redis: "
+                f"{', '.join(ON_KAFKA)}"
             )
     if plot_dir is not None:
         from keylane.lab import plots

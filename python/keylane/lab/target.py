@@ -1,5 +1,6 @@
 """The broker a lab scenario runs on: the embedded MemoryBroker, or a real
-Kafka (``--broker kafka://HOST:PORT``) for the scenarios that support it."""
+one (``--broker kafka://HOST:PORT`` or ``redis://HOST:PORT``) for the
+scenarios that support it."""
 
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ def open_broker(opts: Options, *, partitions: int, **memory_options: Any) -> Lab
         return LabBroker(MemoryBroker(partitions, **memory_options), kafka=False)
     # (Kafka: "range" is Kafka's range assignor; anything else keylane's
     # default, cooperative-sticky.)
+    if opts.broker.startswith("redis://"):
+        from keylane.bench.redis_streams import parse_url
+        from keylane.brokers.redis_streams import RedisStreamsBroker
+
+        # Producers re-read partition counts every second; members notice a
+        # dead member within 3 s.
+        config = {"metadata_max_age": 1.0, "lease_ms": 3000}
+        return LabBroker(RedisStreamsBroker(parse_url(opts.broker), config=config), kafka=True)
     if opts.broker.startswith("kafka://"):
         from keylane.brokers.kafka import KafkaBroker
 
@@ -56,7 +65,9 @@ def open_broker(opts: Options, *, partitions: int, **memory_options: Any) -> Lab
         if memory_options.get("assignor") == "range":
             config["partition.assignment.strategy"] = "range"
         return LabBroker(KafkaBroker(opts.broker[len("kafka://") :], config=config), kafka=True)
-    raise ConfigError(f"--broker must be memory or kafka://HOST:PORT, got {opts.broker!r}")
+    raise ConfigError(
+        f"--broker must be memory, kafka://HOST:PORT or redis://HOST:PORT, got {opts.broker!r}"
+    )
 
 
 def check_memory_only(opts: Options, scenario: str) -> None:
