@@ -170,6 +170,21 @@ async def test_a_member_that_lost_its_lease_cannot_commit(
     assert tp not in c.assignment()
 
 
+async def test_fetches_report_end_offsets_for_lag(broker: keylane.RedisStreamsBroker) -> None:
+    t = topic(broker, "ends", 3)
+    await trio.to_thread.run_sync(produce_versions, broker, t, 30, 7)
+    c = broker.consumer(unique("ends"), [t])
+    await c.join()
+    with trio.fail_after(20):
+        f = await c.fetch(0, 0.0)
+        while not f.assigned:
+            f = await c.fetch(0, 0.1)
+    ends = broker.end_offsets(t)
+    assert f.ends == {keylane.TopicPartition(t, p): e for p, e in enumerate(ends)}
+    assert all(ends)
+    await c.close()
+
+
 async def test_retries_and_the_dlq(broker: keylane.RedisStreamsBroker) -> None:
     t, dlq = topic(broker, "dl", 2), topic(broker, "dl-dead", 1)
     for v in range(20):

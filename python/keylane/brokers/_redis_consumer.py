@@ -63,6 +63,7 @@ class RedisStreamsConsumer:
         self._delivered: dict[TopicPartition, list[int]] = {}
         self._paused: frozenset[TopicPartition] = frozenset()
         self._counts: dict[str, int] = {}
+        self._ends: dict[TopicPartition, int] = {}
         self._settled = False
         self._next_tick = 0.0
         # Changes a look at the group found (in any call), for the next fetch.
@@ -129,6 +130,7 @@ class RedisStreamsConsumer:
             at_end=at_end and not self._claiming and not self._history and self._settled,
             settled=self._settled,
             partitions=dict(self._counts),
+            ends=dict(self._ends),
         )
 
     def _tick_if_due(self) -> None:
@@ -159,6 +161,23 @@ class RedisStreamsConsumer:
             self._delivered.setdefault(tp, [])
         self._assigned |= set(t.claimed)
         self._revoked |= t.to_revoke
+        self._ends = self._read_ends()
+
+    def _read_ends(self) -> dict[TopicPartition, int]:
+        """Per owned partition, the offset after its last entry (for lag)."""
+        owned = sorted(self._owned)
+        if not owned:
+            return {}
+        p = self._r.pipeline(transaction=False)
+        for tp in owned:
+            p.xinfo_stream(self._keys.stream(*tp))
+        infos: list[Any] = p.execute(raise_on_error=False)
+        ends = {}
+        for tp, info in zip(owned, infos, strict=True):
+            if isinstance(info, dict):
+                last = offset_of(info.get("last-generated-id", b"0-0"))
+                ends[tp] = last + 1 if last else 0
+        return ends
 
     def _ensure_group(self, tp: TopicPartition) -> None:
         try:
@@ -416,4 +435,4 @@ def _text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
-__all__ = ["RedisStreamsConsumer", "offset_of"]
+__all__ = ["RedisStreamsConsumer"]

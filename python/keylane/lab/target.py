@@ -50,8 +50,8 @@ def open_broker(opts: Options, *, partitions: int, **memory_options: Any) -> Lab
 
         # Producers re-read partition counts every second; members notice a
         # dead member within 3 s.
-        config = {"metadata_max_age": 1.0, "lease_ms": 3000}
-        return LabBroker(RedisStreamsBroker(parse_url(opts.broker), config=config), kafka=True)
+        options = {"metadata_max_age": 1.0, "lease_ms": 3000}
+        return LabBroker(RedisStreamsBroker(parse_url(opts.broker), config=options), kafka=True)
     if opts.broker.startswith("kafka://"):
         from keylane.brokers.kafka import KafkaBroker
 
