@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import time
 
 import pytest
+import trio
 
 import keylane
 from keylane import MemoryBroker, Message, RetryPolicy
@@ -167,3 +169,37 @@ def test_an_app_that_cannot_start_raises_in_the_caller() -> None:
 
     with pytest.raises(keylane.BrokerError, match="cannot reach"):
         app.start_in_thread(timeout=30)
+
+
+def test_an_app_that_does_not_start_in_time_is_stopped_not_left_starting() -> None:
+    joining = threading.Event()
+
+    class Hanging(MemoryBroker):
+        def consumer(self, group: str, topics: object) -> object:  # type: ignore[override]
+            inner = super().consumer(group, topics)  # type: ignore[arg-type]
+
+            class Slow:
+                def __getattr__(self, name: str) -> object:
+                    return getattr(inner, name)
+
+                async def join(self) -> None:
+                    joining.set()
+                    await trio.sleep_forever()
+
+            return Slow()
+
+    app = keylane.App(Hanging(), topics=["jobs"], group="g", broker_timeout=60)
+
+    @app.handler
+    async def handle(msg: Message) -> None: ...
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not start consuming"):
+        app.start_in_thread(timeout=0.5)
+    assert joining.is_set()
+    # The start was cancelled: the App's thread ends soon, without consuming.
+    threads = [t for t in threading.enumerate() if t.name == "keylane g"]
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert time.monotonic() - started < 20

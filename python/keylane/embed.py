@@ -43,15 +43,21 @@ class AppThread:
         self._until_idle = until_idle
         self._token: trio.lowlevel.TrioToken | None = None
         self._started = threading.Event()
+        # Set once the App consumes; before that, stop() cancels the start.
+        self._consuming = False
+        self._abandoned = False
+        self._starting: trio.CancelScope | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     def _start(self, timeout: float) -> None:
         self._thread.start()
         if not self._started.wait(timeout):
+            # Given up: the App must not go on starting (and consume) behind
+            # the caller's back.
             self.stop()
             raise TimeoutError(f"the App did not start consuming within {timeout:.0f}s")
-        if self._error is not None and self._token is None:
+        if self._error is not None and not self._consuming:
             raise self._error
 
     def _main(self) -> None:
@@ -64,10 +70,16 @@ class AppThread:
 
     async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._starting = nursery.cancel_scope
+            self._token = trio.lowlevel.current_trio_token()
+            if self._abandoned:  # stopped before the loop even ran
+                nursery.cancel_scope.cancel()
             await nursery.start(
                 functools.partial(self.app.run, until_idle=self._until_idle, handle_signals=False)
             )
-            self._token = trio.lowlevel.current_trio_token()
+            self._consuming = True
+            if self._abandoned:  # stopped while it was starting
+                self.app.stop()
             self._started.set()
 
     @property
@@ -77,6 +89,8 @@ class AppThread:
     def stop(self, *, force: bool = False) -> None:
         """Asks the App to stop (gracefully, or at once with ``force``);
         returns without waiting: ``join`` waits. Safe from any thread."""
+        if not self._consuming:
+            self._abandoned = True
         token = self._token
         if token is None:
             return
@@ -84,6 +98,9 @@ class AppThread:
             token.run_sync_soon(self._stop_here, force)
 
     def _stop_here(self, force: bool) -> None:
+        if not self._consuming and self._starting is not None:
+            self._starting.cancel()
+            return
         run = self.app._run
         if force and run is not None:
             run.force()
