@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import uuid
+from collections.abc import Callable
 
+from keylane.bench.runner import keylane_round
 from keylane.bench.workloads import Workload
+from keylane.brokers.base import Broker
 
 # keylane with a no-op handler must reach this fraction of the bare loop.
 TARGET_RATIO = 0.7
@@ -57,3 +61,28 @@ class BareComparison:
             verdict = "PASS" if self.ratio >= TARGET_RATIO else "MISS"
             lines.append(f"target: >= {TARGET_RATIO}x the bare loop: {verdict}")
         return lines
+
+
+def alternate(
+    result: BareComparison,
+    broker: Broker,
+    topic: str,
+    bare_round: Callable[[], float],
+    *,
+    rounds: int,
+    progress: Callable[[str], None],
+) -> BareComparison:
+    """Rounds of keylane (a new consumer group each) and the bare loop, in
+    turn, over a topic that keeps its records (Kafka, Redis)."""
+    w = result.workload
+    if result.produce_s is None:
+        progress(f"reusing topic {topic} ({w.messages:,} records)")
+    else:
+        progress(f"produced {w.messages:,} records to {topic} in {result.produce_s:.1f} s")
+    for r in range(1, rounds + 1):
+        result.keylane.append(
+            keylane_round(broker, w, f"bench-keylane-{uuid.uuid4().hex[:8]}", topic)
+        )
+        result.bare.append(bare_round())
+        progress(result.round_line(r))
+    return result

@@ -17,8 +17,7 @@ from collections.abc import Callable
 
 import confluent_kafka
 
-from keylane.bench.bare import BareComparison
-from keylane.bench.runner import keylane_round
+from keylane.bench.bare import BareComparison, alternate
 from keylane.bench.workloads import Workload
 from keylane.brokers.kafka import KafkaBroker
 from keylane.errors import ConfigError
@@ -89,15 +88,12 @@ def run(
 ) -> BareComparison:
     broker = KafkaBroker(bootstrap)
     topic, produce_s = prepare(broker, w)
-    if produce_s is None:
-        progress(f"reusing topic {topic} ({w.messages:,} messages)")
-    else:
-        progress(f"produced {w.messages:,} messages to {topic} in {produce_s:.1f} s")
     result = BareComparison(w, "Kafka", "bare confluent-kafka loop", produce_s)
-    for r in range(1, rounds + 1):
-        result.keylane.append(
-            keylane_round(broker, w, f"bench-keylane-{uuid.uuid4().hex[:8]}", topic)
-        )
-        result.bare.append(_bare_round(bootstrap, topic, w))
-        progress(result.round_line(r))
-    return result
+    return alternate(
+        result,
+        broker,
+        topic,
+        lambda: _bare_round(bootstrap, topic, w),
+        rounds=rounds,
+        progress=progress,
+    )

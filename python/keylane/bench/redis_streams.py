@@ -15,8 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from keylane.bench.bare import BareComparison
-from keylane.bench.runner import keylane_round
+from keylane.bench.bare import BareComparison, alternate
 from keylane.bench.workloads import Workload
 from keylane.brokers.redis_streams import RedisStreamsBroker
 from keylane.errors import ConfigError, UnknownTopic
@@ -84,15 +83,12 @@ def run(
 ) -> BareComparison:
     broker = RedisStreamsBroker(url)
     topic, produce_s = prepare(broker, w)
-    if produce_s is None:
-        progress(f"reusing topic {topic} ({w.messages:,} entries)")
-    else:
-        progress(f"produced {w.messages:,} entries to {topic} in {produce_s:.1f} s")
     result = BareComparison(w, "Redis Streams", "bare redis-py XREADGROUP/XACK loop", produce_s)
-    for r in range(1, rounds + 1):
-        result.keylane.append(
-            keylane_round(broker, w, f"bench-keylane-{uuid.uuid4().hex[:8]}", topic)
-        )
-        result.bare.append(_bare_round(broker, topic, w))
-        progress(result.round_line(r))
-    return result
+    return alternate(
+        result,
+        broker,
+        topic,
+        lambda: _bare_round(broker, topic, w),
+        rounds=rounds,
+        progress=progress,
+    )

@@ -12,6 +12,7 @@ import msgpack
 import redis
 import redis.exceptions
 
+from keylane.brokers._checks import number, options_of
 from keylane.errors import BrokerError, BrokerTimeout, ConfigError, InvalidArgument
 from keylane.message import Message, UndecodableRecord
 
@@ -38,35 +39,16 @@ class Options:
 
     @classmethod
     def of(cls, config: Mapping[str, Any] | None) -> Options:
-        if config is None:
-            return cls()
-        if not isinstance(config, Mapping):
-            raise ConfigError(f"config must be a mapping, not {type(config).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown RedisStreamsBroker option(s) {unknown}; known: {sorted(known)}"
-            )
-        o = cls(**config)
-        o._check()
-        return o
+        return options_of(cls, config, "RedisStreamsBroker")
 
-    def _check(self) -> None:
-        def number(name: str, low: float, high: float, *, whole: bool = False) -> None:
-            v = getattr(self, name)
-            ok = not isinstance(v, bool) and isinstance(v, int if whole else (int, float))
-            if not ok or not low <= v <= high:
-                kind = "a whole number" if whole else "a number"
-                raise ConfigError(f"config[{name!r}] must be {kind} in [{low}, {high}], got {v!r}")
-
+    def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or "\n" in self.prefix:
             raise ConfigError(f"config['prefix'] must be a str, got {self.prefix!r}")
-        number("lease_ms", 1000, 600_000, whole=True)
-        number("metadata_max_age", 0, 3600)
-        number("max_message_bytes", 1024, 512 * 1024 * 1024, whole=True)
-        number("socket_timeout", 0.5, 300)
-        number("connect_timeout", 0.1, 300)
+        number(self, "lease_ms", 1000, 600_000, whole=True)
+        number(self, "metadata_max_age", 0, 3600)
+        number(self, "max_message_bytes", 1024, 512 * 1024 * 1024, whole=True)
+        number(self, "socket_timeout", 0.5, 300)
+        number(self, "connect_timeout", 0.1, 300)
 
 
 class Keys:

@@ -11,6 +11,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from keylane.brokers._checks import number, options_of
 from keylane.brokers._sqs_codec import DEFAULT_MAX_BYTES
 from keylane.errors import BrokerError, BrokerTimeout, ConfigError, UnknownTopic
 
@@ -47,34 +48,17 @@ class Options:
 
     @classmethod
     def of(cls, config: Mapping[str, Any] | None) -> Options:
-        if config is None:
-            return cls()
-        if not isinstance(config, Mapping):
-            raise ConfigError(f"config must be a mapping, not {type(config).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ConfigError(f"unknown SqsFifoBroker option(s) {unknown}; known: {sorted(known)}")
-        o = cls(**config)
-        o._check()
-        return o
+        return options_of(cls, config, "SqsFifoBroker")
 
-    def _check(self) -> None:
-        def number(name: str, low: float, high: float, *, whole: bool = False) -> None:
-            v = getattr(self, name)
-            ok = not isinstance(v, bool) and isinstance(v, int if whole else (int, float))
-            if not ok or not low <= v <= high:
-                kind = "a whole number" if whole else "a number"
-                raise ConfigError(f"config[{name!r}] must be {kind} in [{low}, {high}], got {v!r}")
-
+    def __post_init__(self) -> None:
         # SQS allows 0 s to 12 h; below 2 s an extension could not be in time.
-        number("visibility_timeout", 2, 43_200, whole=True)
-        number("receivers", 1, 64, whole=True)
-        number("wait_time", 0, 20, whole=True)
-        number("max_message_bytes", 1024, 1_048_576, whole=True)
-        number("connect_timeout", 0.1, 300)
-        number("read_timeout", 0.1, 300)
-        number("max_attempts", 1, 20, whole=True)
+        number(self, "visibility_timeout", 2, 43_200, whole=True)
+        number(self, "receivers", 1, 64, whole=True)
+        number(self, "wait_time", 0, 20, whole=True)
+        number(self, "max_message_bytes", 1024, 1_048_576, whole=True)
+        number(self, "connect_timeout", 0.1, 300)
+        number(self, "read_timeout", 0.1, 300)
+        number(self, "max_attempts", 1, 20, whole=True)
         if self.read_timeout <= self.wait_time:
             raise ConfigError(
                 f"config['read_timeout'] ({self.read_timeout}) must exceed config['wait_time'] "

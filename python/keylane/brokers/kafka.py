@@ -39,6 +39,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     OffsetSpec,
 )
 
+from keylane.brokers._checks import subscription
 from keylane.brokers._kafka_common import (
     RateLimitedLog,
     broker_error,
@@ -116,13 +117,7 @@ class KafkaBroker:
     # ---- consuming ------------------------------------------------------------------------
 
     def consumer(self, group: str, topics: Sequence[str]) -> KafkaConsumer:
-        if not isinstance(group, str) or not group:
-            raise ConfigError("group must be a non-empty str")
-        if isinstance(topics, str) or not topics:
-            raise ConfigError("topics must be a non-empty list of topic names")
-        for t in topics:
-            _check_topic(t)
-        return KafkaConsumer(self, group, tuple(dict.fromkeys(topics)))
+        return KafkaConsumer(self, group, subscription(group, topics, _check_topic, "topic"))
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any, abandon: bool = False) -> T:
         """One blocking client call in a worker thread, under this broker's

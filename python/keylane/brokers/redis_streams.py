@@ -41,6 +41,7 @@ import redis.exceptions
 import trio
 
 from keylane._native import partition_for_key
+from keylane.brokers._checks import subscription
 from keylane.brokers._redis_common import (
     Keys,
     Options,
@@ -105,13 +106,10 @@ class RedisStreamsBroker:
         return f"RedisStreamsBroker({self.url!r})"
 
     def consumer(self, group: str, topics: Sequence[str]) -> RedisStreamsConsumer:
-        if not isinstance(group, str) or not group or ":" in group:
-            raise ConfigError(f"group must be a non-empty str without ':', got {group!r}")
-        if isinstance(topics, str) or not topics:
-            raise ConfigError("topics must be a non-empty list of topic names")
-        for t in topics:
-            _check_topic(t)
-        return RedisStreamsConsumer(self, group, tuple(dict.fromkeys(topics)))
+        names = subscription(group, topics, _check_topic, "topic")
+        if ":" in group:
+            raise ConfigError(f"a group name has no ':' on Redis, got {group!r}")
+        return RedisStreamsConsumer(self, group, names)
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """One blocking client call in a worker thread, under this broker's limiter."""

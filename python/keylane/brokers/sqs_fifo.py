@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from keylane.brokers._checks import subscription
 from keylane.brokers._sqs_codec import encode
 from keylane.brokers._sqs_common import Options, broker_error, check_queue_name, make_client
 from keylane.brokers._sqs_consumer import SqsFifoConsumer
@@ -112,13 +113,7 @@ class SqsFifoBroker:
     # ---- consuming ------------------------------------------------------------------------
 
     def consumer(self, group: str, topics: Sequence[str]) -> SqsFifoConsumer:
-        if not isinstance(group, str) or not group:
-            raise ConfigError("group must be a non-empty str")
-        if isinstance(topics, str) or not topics:
-            raise ConfigError("topics must be a non-empty list of queue names")
-        for t in topics:
-            check_queue_name(t)
-        return SqsFifoConsumer(self, group, tuple(dict.fromkeys(topics)))
+        return SqsFifoConsumer(self, group, subscription(group, topics, check_queue_name, "queue"))
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """One blocking client call in a worker thread, under this broker's limiter."""
