@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TypeAlias
 
+from keylane._native import gc_untrack
 from keylane.errors import InvalidArgument, InvalidType
 
 KeyLike: TypeAlias = bytes | bytearray | memoryview | str
@@ -49,6 +50,39 @@ class UndecodableRecord(Message):
         """``message`` (what could be read of the record), marked undecodable."""
         fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(Message)}
         return cls(**fields, problem=problem)
+
+
+# A twin of Message without the frozen guard, whose generated __init__ sets
+# slots directly instead of through object.__setattr__ once per field (3x
+# slower: measured 1.2 against 0.36 µs a message). Adapters build one
+# Message per record, so ``delivered`` builds the twin and turns it into a
+# Message: same slots, same layout, so the class can be swapped.
+_Unguarded = dataclasses.make_dataclass(
+    "_Unguarded", [f.name for f in dataclasses.fields(Message)], slots=True
+)
+
+
+def delivered(
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes,
+    headers: Mapping[str, bytes],
+    timestamp: float,
+) -> Message:
+    """A first delivery (``attempt`` 0) of a record, as ``Message(...)``
+    would build it, faster, and out of the cyclic GC's sight.
+
+    Up to ``capacity`` messages are alive at once; tracked, every full
+    collection walked them all (87-114 ms each, a fifth of a Kafka run). A
+    delivered message refers to str, int, float, bytes and a mapping of str
+    to bytes built by the adapter: it cannot be in a cycle, so reference
+    counting frees it."""
+    m = _Unguarded(topic, partition, offset, key, value, headers, timestamp, 0)
+    m.__class__ = Message
+    gc_untrack(m)
+    return m  # type: ignore[no-any-return]
 
 
 def _as_bytes(value: object, what: str) -> bytes:

@@ -19,6 +19,7 @@ import confluent_kafka
 
 from keylane.bench.bare import BareComparison, alternate
 from keylane.bench.workloads import Workload
+from keylane.brokers._kafka_consumer import consumer_config
 from keylane.brokers.kafka import KafkaBroker
 from keylane.errors import ConfigError
 
@@ -55,15 +56,10 @@ def prepare(broker: KafkaBroker, w: Workload) -> tuple[str, float | None]:
     return topic, time.perf_counter() - started
 
 
-def _bare_round(bootstrap: str, topic: str, w: Workload) -> float:
-    c = confluent_kafka.Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"bench-bare-{uuid.uuid4().hex[:8]}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
+def _bare_round(broker: KafkaBroker, topic: str, w: Workload) -> float:
+    # The same librdkafka options as keylane's consumer, so the two differ
+    # only by what runs on top of librdkafka.
+    c = confluent_kafka.Consumer(consumer_config(broker, f"bench-bare-{uuid.uuid4().hex[:8]}"))
     c.subscribe([topic])
     started = time.perf_counter()
     seen = 0
@@ -93,7 +89,7 @@ def run(
         result,
         broker,
         topic,
-        lambda: _bare_round(bootstrap, topic, w),
+        lambda: _bare_round(broker, topic, w),
         rounds=rounds,
         progress=progress,
     )

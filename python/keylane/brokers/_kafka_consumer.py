@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import confluent_kafka
 import outcome
@@ -57,6 +57,29 @@ _QUERY_TIMEOUT = 5.0
 _COUNTS_EVERY = 1.0
 
 
+def consumer_config(broker: KafkaBroker, group: str) -> dict[str, Any]:
+    """The librdkafka options of a keylane consumer in ``group`` (the
+    benchmark's bare loop runs with the same)."""
+    config = client_config(
+        broker.bootstrap_servers,
+        broker.config,
+        consumer=True,
+        group_id=group,
+        enable_auto_commit=False,
+        enable_auto_offset_store=False,
+        auto_offset_reset="earliest",
+        partition_assignment_strategy="cooperative-sticky",
+        # librdkafka's default (1 s) idles a consumer that drains its
+        # prefetch queue within a second: a bare loop on 1M records spent
+        # ~80% of its time in these pauses (docs/benchmarks.md, Kafka).
+        fetch_queue_backoff_ms=100,
+    )
+    config["group.id"] = group
+    # The runtime commits exactly its watermark; nothing else may.
+    config["enable.auto.commit"] = False
+    return config
+
+
 class KafkaConsumer:
     """A member of a Kafka consumer group (see ``keylane.brokers.base.Consumer``)."""
 
@@ -64,19 +87,7 @@ class KafkaConsumer:
         self._broker = broker
         self._group = group
         self._topics = topics
-        self._config = client_config(
-            broker.bootstrap_servers,
-            broker.config,
-            consumer=True,
-            group_id=group,
-            enable_auto_commit=False,
-            enable_auto_offset_store=False,
-            auto_offset_reset="earliest",
-            partition_assignment_strategy="cooperative-sticky",
-        )
-        self._config["group.id"] = group
-        # The runtime commits exactly its watermark; nothing else may.
-        self._config["enable.auto.commit"] = False
+        self._config = consumer_config(broker, group)
         self._errors = RateLimitedLog()
         self._config["error_cb"] = self._on_error
         self._c: confluent_kafka.Consumer | None = None

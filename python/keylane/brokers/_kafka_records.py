@@ -13,7 +13,7 @@ import confluent_kafka
 from keylane.brokers._kafka_common import RateLimitedLog, broker_error
 from keylane.brokers.base import TopicPartition
 from keylane.errors import UnknownTopic
-from keylane.message import Message, UndecodableRecord
+from keylane.message import Message, UndecodableRecord, delivered
 
 _NO_HEADERS: Mapping[str, bytes] = MappingProxyType({})
 
@@ -58,7 +58,7 @@ def convert(
             # One record's bad header must not fail the whole batch: the
             # runtime dead-letters it (or skips/blocks, per on_exhausted).
             headers, problem = None, f"its headers cannot be decoded: {e}"
-        message = Message(
+        message = delivered(
             topic,  # type: ignore[arg-type]
             partition,  # type: ignore[arg-type]
             offset,

@@ -20,7 +20,7 @@ from typing import BinaryIO
 import msgpack
 
 from keylane.errors import CorruptLogError
-from keylane.message import Message
+from keylane.message import Message, delivered
 
 log = logging.getLogger("keylane.brokers.memory")
 
@@ -61,7 +61,7 @@ def read(path: Path, topic: str, partition: int, *, truncate: bool) -> list[Mess
                     if offset != len(records):
                         problem = f"record has offset {offset}, expected {len(records)}"
                     else:
-                        records.append(Message(topic, partition, offset, key, value, headers, ts))
+                        records.append(delivered(topic, partition, offset, key, value, headers, ts))
                         pos = end
                         continue
         if not truncate:

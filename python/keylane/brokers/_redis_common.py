@@ -14,7 +14,7 @@ import redis.exceptions
 
 from keylane.brokers._checks import number, options_of
 from keylane.errors import BrokerError, BrokerTimeout, ConfigError, InvalidArgument
-from keylane.message import Message, UndecodableRecord
+from keylane.message import Message, UndecodableRecord, delivered
 
 # A stream id "ms-seq" is the offset ms << 20 | seq: offsets keep the ids'
 # order, and 2^20 entries in one millisecond is more than a server writes.
@@ -124,7 +124,7 @@ def decode(topic: str, partition: int, stream_id: bytes, fields: Mapping[bytes, 
     value = fields.get(b"v")
     ts = timestamp_of(offset)
     if value is None:
-        plain = Message(topic, partition, offset, key, b"", {}, ts)
+        plain = delivered(topic, partition, offset, key, b"", {}, ts)
         return UndecodableRecord.of(
             plain,
             f"not a keylane entry (fields {sorted(f.decode(errors='replace') for f in fields)})",
@@ -140,9 +140,9 @@ def decode(topic: str, partition: int, stream_id: bytes, fields: Mapping[bytes, 
                 raise ValueError("headers are not a map of str to bytes")
             headers = loaded
         except (ValueError, TypeError, msgpack.UnpackException) as e:
-            plain = Message(topic, partition, offset, key, value, {}, ts)
+            plain = delivered(topic, partition, offset, key, value, {}, ts)
             return UndecodableRecord.of(plain, f"damaged headers: {e}")
-    return Message(topic, partition, offset, key, value, headers, ts)
+    return delivered(topic, partition, offset, key, value, headers, ts)
 
 
 def broker_error(e: Exception, what: str) -> BrokerError:

@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 
 from keylane.errors import InvalidArgument
-from keylane.message import Message, UndecodableRecord
+from keylane.message import Message, UndecodableRecord, delivered
 
 ATTRIBUTE = "keylane"
 _VERSION = 1
@@ -90,7 +90,7 @@ def decode(raw: Mapping[str, Any], topic: str, offset: int) -> Message:
     envelope = attributes.get(ATTRIBUTE)
     if envelope is None:
         # A message from another producer.
-        return Message(
+        return delivered(
             topic, 0, offset, group.encode(), body.encode(), _foreign_headers(attributes), timestamp
         )
     try:
@@ -110,9 +110,9 @@ def decode(raw: Mapping[str, Any], topic: str, offset: int) -> Message:
         else:
             raise ValueError(f"body encoding {how!r}")
     except (ValueError, TypeError, KeyError, binascii.Error, msgpack.UnpackException) as e:
-        plain = Message(topic, 0, offset, group.encode(), body.encode(), {}, timestamp)
+        plain = delivered(topic, 0, offset, group.encode(), body.encode(), {}, timestamp)
         return UndecodableRecord.of(plain, f"damaged keylane attribute: {e}")
-    return Message(topic, 0, offset, key, value, headers, timestamp)
+    return delivered(topic, 0, offset, key, value, headers, timestamp)
 
 
 def _foreign_headers(attributes: Mapping[str, Any]) -> dict[str, bytes]:

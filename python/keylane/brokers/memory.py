@@ -42,6 +42,7 @@ from keylane.message import (
     KeyLike,
     Message,
     ValueLike,
+    delivered,
     encode_headers,
     encode_key,
     encode_value,
@@ -285,7 +286,7 @@ class MemoryBroker:
         else:
             ts = float(timestamp)
         log_ = logs[p]
-        message = Message(topic, p, len(log_), key_bytes, value_bytes, header_bytes, ts)
+        message = delivered(topic, p, len(log_), key_bytes, value_bytes, header_bytes, ts)
         if self._store is not None:
             # Encoded before anything changes: a produce that fails leaves
             # neither the log in memory nor the file with a gap.

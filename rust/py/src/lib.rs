@@ -4,6 +4,7 @@
 mod args;
 mod dispatcher;
 mod errors;
+mod gc;
 mod partitioner;
 mod ticket;
 mod version_batch;
@@ -25,5 +26,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     dispatcher::register(m)?;
     version_table::register(m)?;
     version_batch::register(m)?;
+    gc::register(m)?;
     Ok(())
 }
