@@ -326,6 +326,27 @@ macro_rules! suite {
             }
 
             #[test]
+            fn idle_lanes_are_swept_by_small_completions() {
+                // The runtime's shape: completions in calls of 64, so a
+                // sweep pass advances a step per call.
+                let d = make::<L>(Ordering::Key, 4_096, 4_096);
+                for round in 0..16 {
+                    let keys: Vec<String> = (0..4_096).map(|i| format!("k{round}-{i}")).collect();
+                    let batch: Vec<_> =
+                        keys.iter().enumerate().map(|(i, k)| prep(&d, Some(k), round, i as i64)).collect();
+                    assert_eq!(d.push_many(batch).unwrap().count, 4_096);
+                    let mut ts = pop(&d, 100_000);
+                    assert_eq!(ts.len(), 4_096);
+                    while !ts.is_empty() {
+                        let rest = ts.split_off(ts.len().min(64));
+                        complete_all(&d, std::mem::replace(&mut ts, rest));
+                    }
+                }
+                let lanes = d.stats().lanes;
+                assert!(lanes <= 3 * 4_096, "65,536 keys seen, {lanes} lanes kept (capacity 4,096)");
+            }
+
+            #[test]
             fn config_is_validated() {
                 assert!(L::new(Config { capacity: 0, ..Config::default() }).is_err());
                 assert!(L::new(Config { max_in_flight: 0, ..Config::default() }).is_err());
