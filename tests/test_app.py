@@ -47,6 +47,44 @@ def test_the_readme_example_runs_until_idle() -> None:
     assert (stats["consumed"], stats["handled"], stats["failed"]) == (1000, 1000, 0)
 
 
+@pytest.mark.parametrize("repartition", ["hold", "off"])
+def test_a_finished_run_is_freed_without_the_cyclic_collector(repartition: str) -> None:
+    """A run's state (dispatcher, per-key maps) is freed when the App lets
+    go of it, not left in a reference cycle until a full collection frees
+    it in one long pause on whatever loop is running then."""
+    import gc
+    import weakref
+
+    from keylane import _runtime
+
+    broker = MemoryBroker(partitions=4)
+    produce_many(broker, "t", 200, keys=20)
+    app = App(broker, topics=["t"], group="g", repartition=repartition)  # type: ignore[arg-type]
+    runs: list[weakref.ref[_runtime.Run]] = []
+    real_run = _runtime.Run
+
+    def watched(*args: Any, **kwargs: Any) -> _runtime.Run:
+        run = real_run(*args, **kwargs)
+        runs.append(weakref.ref(run))
+        return run
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        pass
+
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(keylane.app, "Run", watched)
+            trio.run(functools.partial(app.run, until_idle=True, handle_signals=False))
+        assert app.stats()["handled"] == 200
+        assert len(runs) == 1
+        assert runs[0]() is None, "the finished run is still alive: a reference cycle holds it"
+    finally:
+        gc.enable()
+
+
 async def test_per_key_order_with_many_workers_and_random_latency(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -29,6 +29,7 @@ import random
 import signal
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -99,7 +100,7 @@ class Run:
                 self.metrics,
                 grace=app.repartition_grace,
                 group=app.group,
-                release=self._release_held,
+                release=_weakly(self._release_held),
             )
         self.paused: frozenset[TopicPartition] = frozenset()
         # Released held records enter the dispatcher under a partition id of
@@ -1144,6 +1145,22 @@ class Run:
             "lag": lag,
             "blocked": [dict(b) for b in self._blocked_report()],
         }
+
+
+def _weakly(method: Callable[[list[Held]], None]) -> Callable[[list[Held]], None]:
+    """``method`` called through a weak reference to its object. The Run
+    owns what it hands callbacks to; a bound method there would close a
+    cycle that keeps the Run's whole state (dispatcher, per-key maps) alive
+    after it ends, until a full collection frees it in one pause of tens of
+    milliseconds on whatever loop is running then."""
+    ref = weakref.WeakMethod(method)
+
+    def call(held: list[Held]) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(held)
+
+    return call
 
 
 def _describe(b: dict[str, Any]) -> str:
