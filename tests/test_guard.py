@@ -241,3 +241,43 @@ async def test_a_prefetch_read_before_a_flush_never_answers_for_it(
         await guard.flush()  # written, and forgotten from memory
         assert table.get(b"a") == 5
         assert guard.before(_msg(b"a", 5, "x")) == "stale"
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+async def test_a_large_flush_raises_prefetched_answers_in_steps(
+    tmp_path: pathlib.Path, cancel: bool
+) -> None:
+    """The walk that raises prefetched answers after a big flush yields
+    between steps; meanwhile before() still answers from the flush's own
+    record, and a walk cancelled part way drops every prefetched answer."""
+    from keylane._guard import Guard, version_header
+
+    keys = [b"k%05d" % i for i in range(10_000)]
+    with keylane.VersionTable(tmp_path / "v") as table:
+        guard = Guard(table, version_header, None, None)
+        for k in keys:
+            guard.prefetched_versions[k] = 1  # read before the write below
+            guard.versions[k] = 2
+        mid_walk: list[str | None] = []
+
+        async def probe(scope: trio.CancelScope) -> None:
+            while True:
+                walking = guard.flushing_versions and guard.prefetched_versions[keys[0]] == 2
+                if walking and guard.prefetched_versions[keys[-1]] == 1:
+                    mid_walk.append(guard.before(_msg(keys[-1], 2, "x")))
+                    if cancel:
+                        scope.cancel()
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as n:
+            with trio.CancelScope() as flushing:
+                n.start_soon(probe, flushing)
+                await guard.flush()
+            n.cancel_scope.cancel()
+        assert mid_walk and set(mid_walk) == {"stale"}, mid_walk
+        assert table.get(keys[-1]) == 2
+        if cancel:
+            assert guard.prefetched_versions == {}
+        else:
+            assert set(guard.prefetched_versions.values()) == {2}
+        assert guard.before(_msg(keys[-1], 2, "x")) == "stale"

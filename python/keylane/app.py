@@ -337,7 +337,11 @@ class App:
             if isinstance(self._versions_arg, VersionTable):
                 self._versions_table = self._versions_arg
             else:
-                opened = self._versions_table = VersionTable(self._versions_arg)
+                # Opening may replay a journal, and closing folds it with an
+                # fsync: neither on the loop's thread.
+                opened = self._versions_table = await trio.to_thread.run_sync(
+                    VersionTable, self._versions_arg
+                )
         self._run = Run(self, until_idle=until_idle)
         try:
             await self._run.main(task_status, handle_signals=handle_signals)
@@ -366,7 +370,8 @@ class App:
             self._metrics.gauges = lambda: final
             self._run = None
             if opened is not None:
-                opened.close()
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(opened.close)
 
     def start_in_thread(self, *, until_idle: bool = False, timeout: float = 30.0) -> AppThread:
         """Runs this App on a Trio loop of its own in a new thread, for

@@ -381,13 +381,13 @@ impl VersionTable {
         let now = self.now_ms(py)?;
         let taken = std::mem::take(&mut *batch.get().inner.lock());
         let back = py.detach(|| -> Result<(), CoreError> {
-            if !taken.versions.is_empty() {
-                let pairs: Vec<(&[u8], u64)> =
-                    taken.versions.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
+            let pairs: Vec<(&[u8], u64)> =
+                taken.versions.iter().flatten().map(|(k, v)| (k.as_slice(), *v)).collect();
+            if !pairs.is_empty() {
                 table.check_and_set_many(&pairs)?;
             }
-            if !taken.ids.is_empty() {
-                let ids: Vec<&[u8]> = taken.ids.iter().map(Vec::as_slice).collect();
+            let ids: Vec<&[u8]> = taken.ids.iter().flatten().map(Vec::as_slice).collect();
+            if !ids.is_empty() {
                 table.mark_seen_many(&ids, ttl, now)?;
             }
             Ok(())
