@@ -274,7 +274,8 @@ async def test_a_large_flush_raises_prefetched_answers_in_steps(
                 n.start_soon(probe, flushing)
                 await guard.flush()
             n.cancel_scope.cancel()
-        assert mid_walk and set(mid_walk) == {"stale"}, mid_walk
+        assert mid_walk, "the walk never yielded part way"
+        assert set(mid_walk) == {"stale"}, mid_walk
         assert table.get(keys[-1]) == 2
         if cancel:
             assert guard.prefetched_versions == {}
