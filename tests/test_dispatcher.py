@@ -423,3 +423,29 @@ async def test_an_adapter_thread_may_push_while_the_trio_thread_pops() -> None:
                 handled += len(tickets)
     assert d.queued == d.in_flight == 0
     assert d.committable() == dict.fromkeys(range(4), total // 4)
+
+
+def test_dropping_a_dispatcher_releases_what_it_still_holds() -> None:
+    """The queue is freed with the GIL released; the items still queued in
+    it are released all the same, by the time ``del`` returns."""
+    import gc
+    import weakref
+
+    class Item:
+        pass
+
+    items = [Item() for _ in range(1000)]
+    refs = [weakref.ref(i) for i in items]
+    d = Dispatcher(ordering="key", capacity=2000)
+    d.push_many([(f"k{n % 50}".encode(), n % 3, n // 3, item) for n, item in enumerate(items)])
+    popped = d.pop_ready(10)  # some in flight: their tickets keep their items
+    del items
+    gc.disable()
+    try:
+        del d
+        alive = sum(r() is not None for r in refs)
+    finally:
+        gc.enable()
+    assert alive == len(popped), f"{alive} items outlived the dispatcher, {len(popped)} are in flight"
+    del popped
+    assert all(r() is None for r in refs)

@@ -368,10 +368,19 @@ class App:
             # stats() after the run reports its last state, not a live view.
             final = self._run.gauges()
             self._metrics.gauges = lambda: final
+            # The run's last reference goes in a worker thread: freeing its
+            # lanes (one per key it saw, up to capacity) takes milliseconds,
+            # which the dispatcher spends with the GIL released.
+            last = [self._run]
             self._run = None
-            if opened is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(opened.close)
+
+            def release() -> None:
+                last.clear()
+                if opened is not None:
+                    opened.close()
+
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(release)
 
     def start_in_thread(self, *, until_idle: bool = False, timeout: float = 30.0) -> AppThread:
         """Runs this App on a Trio loop of its own in a new thread, for
