@@ -594,6 +594,37 @@ async def test_versions_drop_stale_and_record_only_successes(
         assert table.get(b"acct") == 7, "the failed version 8 was not recorded"
 
 
+async def test_version_of_and_id_of_run_once_per_message(
+    thread_safe_clock: trio.abc.Clock, tmp_path: pathlib.Path
+) -> None:
+    """The check before a handler and the record after it share one call of
+    each: a user's ``version_of``/``id_of`` may be costly (parsing a body)."""
+    broker = MemoryBroker(partitions=2)
+    produce_many(broker, "payments", 300, keys=30)
+    calls: Counter[str] = Counter()
+
+    def version_of(msg: Message) -> int:
+        calls["version_of", msg.partition, msg.offset] += 1
+        return msg.offset
+
+    def id_of(msg: Message) -> bytes:
+        calls["id_of", msg.partition, msg.offset] += 1
+        return b"%d-%d" % (msg.partition, msg.offset)
+
+    app = make_app(
+        broker, versions=tmp_path / "v", version_of=version_of, dedupe=True, id_of=id_of
+    )
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        pass
+
+    await app.run(until_idle=True)
+    assert app.stats()["handled"] == 300
+    assert len(calls) == 600, "every message's version and id were asked for"
+    assert set(calls.values()) == {1}, calls.most_common(3)
+
+
 async def test_bad_version_header_is_dead_lettered_at_once(
     thread_safe_clock: trio.abc.Clock, tmp_path: pathlib.Path
 ) -> None:

@@ -96,6 +96,10 @@ class Guard:
         # before(); raised by flush()/record() as they write.
         self.prefetched_versions: dict[bytes, int | None] = {}
         self.prefetched_ids: dict[bytes, bool] = {}
+        # The id prefetch() computed for each message (by identity, with the
+        # message itself, so a reused id() can never answer): id_of runs
+        # once per message.
+        self.ids_of: dict[int, tuple[Message, bytes]] = {}
         self._limiter = trio.CapacityLimiter(1)
         self._reader = trio.CapacityLimiter(1)
 
@@ -165,6 +169,7 @@ class Guard:
                     continue  # before() reports it
                 if mid is None:
                     continue
+                self.ids_of[id(m)] = (m, mid)
                 if mid in self.seen or mid in self.flushing_seen:
                     self.prefetched_ids[mid] = True
                 else:
@@ -193,6 +198,8 @@ class Guard:
             self.prefetched_versions.clear()
         if len(self.prefetched_ids) > _PREFETCH_BOUND:
             self.prefetched_ids.clear()
+        if len(self.ids_of) > _PREFETCH_BOUND:
+            self.ids_of.clear()
         for key, version in zip(keys, versions, strict=True):
             # A flush may have written a newer one meanwhile (it raises
             # what is here, and what it wrote is in memory until then).
@@ -204,41 +211,57 @@ class Guard:
 
     def before(self, message: Message) -> str | None:
         """``"stale"``, ``"duplicate"``, or None (handle it)."""
-        mid = self._id(message)
+        return self.check(message)[0]
+
+    def check(self, message: Message) -> tuple[str | None, bytes | None, int | None, bytes | None]:
+        """``before``'s verdict, with what ``applied`` needs once the
+        handler has succeeded: the table key, the version and the id (the
+        runtime's workers keep them, so ``version_of``/``id_of`` and the
+        table names run once per message, not twice)."""
+        known_id = self.ids_of.pop(id(message), None)
+        if known_id is not None and known_id[0] is message:
+            mid: bytes | None = known_id[1]
+        else:
+            mid = self._id(message)
         if mid is not None:
             if mid in self.seen or mid in self.flushing_seen:
-                return "duplicate"
+                return "duplicate", None, None, None
             was_seen = self.prefetched_ids.pop(mid, None)
             if was_seen is None:
                 was_seen = self.table.is_seen(mid)
             if was_seen:
-                return "duplicate"
+                return "duplicate", None, None, None
         version = self._version(message)
-        if version is not None:
-            assert message.key is not None
-            key = table_name(message.key, MAX_TABLE_KEY)
-            known = self.versions.get(key)
-            if known is None:
-                known = self.flushing_versions.get(key)
-            if known is None:
-                if key in self.prefetched_versions:
-                    known = self.prefetched_versions.pop(key)
-                else:
-                    known = self.table.get(key)
-            if known is not None and version <= known:
-                return "stale"
-        return None
+        if version is None:
+            return None, None, None, mid
+        assert message.key is not None
+        key = table_name(message.key, MAX_TABLE_KEY)
+        known = self.versions.get(key)
+        if known is None:
+            known = self.flushing_versions.get(key)
+        if known is None:
+            if key in self.prefetched_versions:
+                known = self.prefetched_versions.pop(key)
+            else:
+                known = self.table.get(key)
+        if known is not None and version <= known:
+            return "stale", None, None, None
+        return None, key, version, mid
 
     def after(self, message: Message) -> None:
         """Records what a successful handler applied (call after ``before``
         returned None for the same message, so the calls cannot fail)."""
         version = self._version(message)
+        key = None
         if version is not None:
             assert message.key is not None
             key = table_name(message.key, MAX_TABLE_KEY)
-            if version > self.versions.get(key, -1):
-                self.versions[key] = version
-        mid = self._id(message)
+        self.applied(key, version, self._id(message))
+
+    def applied(self, key: bytes | None, version: int | None, mid: bytes | None) -> None:
+        """``after`` with what ``check`` returned for the message."""
+        if key is not None and version is not None and version > self.versions.get(key, -1):
+            self.versions[key] = version
         if mid is not None:
             self.seen[mid] = None
 

@@ -801,7 +801,7 @@ class Run:
                 continue
             if guard is not None:
                 try:
-                    verdict = guard.before(msg)
+                    verdict, table_key, version, mid = guard.check(msg)
                 except PoisonMessage as e:
                     self._poison(t, msg, e)
                     continue
@@ -860,7 +860,7 @@ class Run:
                             self._failed(t, msg, e)
                             continue
                 else:
-                    guard.after(msg)
+                    guard.applied(table_key, version, mid)
             if not done:
                 self.done_since = perf_counter()
             done.append(t)
