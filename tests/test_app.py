@@ -611,9 +611,7 @@ async def test_version_of_and_id_of_run_once_per_message(
         calls["id_of", msg.partition, msg.offset] += 1
         return b"%d-%d" % (msg.partition, msg.offset)
 
-    app = make_app(
-        broker, versions=tmp_path / "v", version_of=version_of, dedupe=True, id_of=id_of
-    )
+    app = make_app(broker, versions=tmp_path / "v", version_of=version_of, dedupe=True, id_of=id_of)
 
     @app.handler
     async def handle(msg: Message) -> None:

@@ -446,6 +446,6 @@ def test_dropping_a_dispatcher_releases_what_it_still_holds() -> None:
         alive = sum(r() is not None for r in refs)
     finally:
         gc.enable()
-    assert alive == len(popped), f"{alive} items outlived the dispatcher, {len(popped)} are in flight"
+    assert alive == len(popped), f"{alive} items outlived it; {len(popped)} are in flight"
     del popped
     assert all(r() is None for r in refs)
