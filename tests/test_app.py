@@ -623,6 +623,40 @@ async def test_version_of_and_id_of_run_once_per_message(
     assert set(calls.values()) == {1}, calls.most_common(3)
 
 
+async def test_versions_recorded_faster_than_commits_are_written_early(
+    thread_safe_clock: trio.abc.Clock, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past Guard's _FLUSH_AT recorded versions the committer writes them at
+    once (no dict grows to a resize that holds the loop), while offsets are
+    still committed once per commit_interval."""
+    from keylane import _guard
+
+    monkeypatch.setattr(_guard, "_FLUSH_AT", 40)
+    writes: list[int] = []
+    real_write = _guard.Guard._write
+
+    async def counted(self: _guard.Guard) -> None:
+        writes.append(len(self.flushing_versions))
+        await real_write(self)
+
+    monkeypatch.setattr(_guard.Guard, "_write", counted)
+    broker = MemoryBroker(partitions=2)
+    produce_many(broker, "payments", 2000, keys=1000)
+    app = make_app(broker, versions=tmp_path / "v", commit_interval=3600.0)
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        await trio.sleep(0.001)
+
+    await app.run(until_idle=True)
+    assert app.stats()["handled"] == 2000
+    assert len(writes) >= 10, writes
+    assert max(writes) <= 400, f"recorded versions waited for a commit: {writes}"
+    with keylane.VersionTable(tmp_path / "v") as table:
+        assert len(table) == 1000
+    assert broker.committed("wallet") == end_offsets(broker, "payments")
+
+
 async def test_bad_version_header_is_dead_lettered_at_once(
     thread_safe_clock: trio.abc.Clock, tmp_path: pathlib.Path
 ) -> None:

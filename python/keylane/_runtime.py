@@ -1010,7 +1010,17 @@ class Run:
 
     async def _committer(self) -> None:
         while True:
-            await trio.sleep(self.app.commit_interval)
+            due = trio.current_time() + self.app.commit_interval
+            guard = self.guard
+            while guard is not None and trio.current_time() < due:
+                # Versions and ids recorded faster than one commit interval
+                # holds are written early (offsets still wait for the
+                # interval): see Guard.full.
+                with trio.move_on_at(due):
+                    await guard.full.wait()
+                    async with self.commit_lock:
+                        await guard.flush()
+            await trio.sleep_until(due)
             try:
                 await self._commit()
             except NotAssigned as e:
