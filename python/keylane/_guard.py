@@ -261,18 +261,9 @@ class Guard:
             return "stale", None, None, None
         return None, key, version, mid
 
-    def after(self, message: Message) -> None:
-        """Records what a successful handler applied (call after ``before``
-        returned None for the same message, so the calls cannot fail)."""
-        version = self._version(message)
-        key = None
-        if version is not None:
-            assert message.key is not None
-            key = table_name(message.key, MAX_TABLE_KEY)
-        self.applied(key, version, self._id(message))
-
     def applied(self, key: bytes | None, version: int | None, mid: bytes | None) -> None:
-        """``after`` with what ``check`` returned for the message."""
+        """Records what a successful handler applied, given what ``check``
+        returned for its message (a verdict of None, so this cannot fail)."""
         if key is not None and version is not None and version > self.versions.get(key, -1):
             self.versions[key] = version
         if mid is not None:

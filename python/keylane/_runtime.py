@@ -1016,10 +1016,11 @@ class Run:
                 # Versions and ids recorded faster than one commit interval
                 # holds are written early (offsets still wait for the
                 # interval): see Guard.full.
+                # The guard serializes flushes, so a commit's own flush
+                # waits for this one and then writes the rest.
                 with trio.move_on_at(due):
                     await guard.full.wait()
-                    async with self.commit_lock:
-                        await guard.flush()
+                    await guard.flush()
             await trio.sleep_until(due)
             try:
                 await self._commit()
