@@ -111,6 +111,28 @@ async def test_per_key_order_with_many_workers_and_random_latency(
     assert broker.committed("wallet") == end_offsets(broker, "payments")
 
 
+async def test_an_idle_run_ends_when_its_last_handler_does(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """``until_idle``: once every record is fetched and handled, the run
+    commits and returns at once; it does not wait out a fetch's wait for
+    records that are not coming (that wait was on the end of every run)."""
+    broker = MemoryBroker(partitions=4)
+    produce_many(broker, "payments", 200, keys=20)
+    app = make_app(broker, concurrency=8)
+    last = [0.0]
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        await trio.sleep(0.003 + 0.001 * (msg.offset % 7))
+        last[0] = trio.current_time()
+
+    await app.run(until_idle=True)
+    assert app.stats()["handled"] == 200
+    assert broker.committed("wallet") == end_offsets(broker, "payments")
+    assert trio.current_time() - last[0] < 0.005
+
+
 @pytest.mark.parametrize(("ordering", "limit"), [("total", 1), ("partition", 4), ("none", 64)])
 async def test_other_orderings_bound_concurrency(
     autojump_clock: trio.abc.Clock, ordering: str, limit: int

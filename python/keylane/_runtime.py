@@ -312,6 +312,7 @@ class Run:
     async def _feed(self) -> None:
         d, app = self.d, self.app
         fetch_from = functools.partial(self.calls.retrying, "fetch", self.consumer.fetch)
+        seen_end = False
         while not self.stopping:
             # A broker with records ready may answer without suspending.
             await self._yield_if_due()
@@ -327,7 +328,15 @@ class Run:
                 if d.free_capacity == 0 or self.overflow:
                     await self._rebalance(await fetch_from(0, 0.0))
                 continue
-            wait = 0.05 if self.until_idle else _FETCH_WAIT
+            wait = _FETCH_WAIT
+            if self.until_idle:
+                # Right after the end was seen and the workers drained, a
+                # fetch that does not wait tells whether anything came since
+                # (waiting would add its wait to the end of every idle run).
+                # Only once: an adapter may answer such a fetch before it
+                # knows (Kafka's consume hop still out), and the next one
+                # waits for it.
+                wait, seen_end = (0.0 if seen_end else 0.05), False
             fetch = await fetch_from(min(room, app.fetch_max), wait)
             await self._rebalance(fetch)
             self.ends.update(fetch.ends)
@@ -350,9 +359,14 @@ class Run:
                         "; ".join(_describe(b) for b in self.idle_blocked[:10]),
                     )
                     return
-                # Everything fetched; wait for the workers, not the broker.
+                # Everything fetched: wait for progress (for the workers to
+                # drain, if they hold any), looking at the broker again at
+                # least every 50 ms.
                 with trio.move_on_after(0.05):
                     await self.progress.park()
+                    while len(d) or self.done:
+                        await self.progress.park()
+                seen_end = True
 
     def _debug_feed(self, pushed: int) -> None:
         self.debug_fetches += 1
