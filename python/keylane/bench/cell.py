@@ -35,6 +35,7 @@ import trio
 
 from keylane.app import App
 from keylane.bench.models import CellSpec, Work, draw, ideal_throughput, key_name
+from keylane.bench.sleep import sleep
 from keylane.bench.targets import Stamped, Target
 from keylane.message import Message
 
@@ -136,7 +137,7 @@ class Probe:
             self.max_in_flight = self.in_flight
         try:
             if work:
-                await trio.sleep(work)
+                await sleep(work)
         finally:
             self.in_flight -= 1
             self.running[key] -= 1

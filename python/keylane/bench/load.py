@@ -35,6 +35,7 @@ import trio.lowlevel
 from keylane.app import App
 from keylane.bench.cell import quantile
 from keylane.bench.models import durations, key_name
+from keylane.bench.sleep import sleep
 from keylane.bench.targets import Stamped
 from keylane.brokers.memory import MemoryBroker
 from keylane.message import Message
@@ -110,7 +111,7 @@ class _Recorder:
         if fetched is not None:
             self.dispatch.append(now - fetched)
         if work:
-            await trio.sleep(work)
+            await sleep(work)
         self.latency.append(clock() - produced)
         if self.expect is not None and len(self.latency) >= self.expect:
             self.drained.set()

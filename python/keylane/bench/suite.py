@@ -19,6 +19,7 @@ import trio
 
 from keylane.bench.cell import CellResult, run_cell
 from keylane.bench.models import DISTRIBUTIONS, MODELS, CellSpec, cell_messages, draw
+from keylane.bench.sleep import sleep
 from keylane.bench.targets import Target
 
 CELL_SECONDS = 1.0
@@ -89,7 +90,7 @@ async def _bare(work: list[float], concurrency: int) -> float:
     async def worker() -> None:
         for seconds in it:
             if seconds:
-                await trio.sleep(seconds)
+                await sleep(seconds)
 
     started = time.perf_counter()
     async with trio.open_nursery() as n:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable
 
-import trio
-
+from keylane.bench.sleep import sleep
 from keylane.brokers.memory import MemoryBroker
 from keylane.errors import ConfigError
 from keylane.message import Message
@@ -66,6 +65,6 @@ class Workload:
         delay = self.handler_sleep
 
         async def sleeper(msg: Message) -> None:
-            await trio.sleep(delay)
+            await sleep(delay)
 
         return sleeper
