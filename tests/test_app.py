@@ -566,6 +566,57 @@ async def test_rebalance_between_two_apps_in_one_group(autojump_clock: trio.abc.
     assert broker.committed("wallet") == end_offsets(broker, "payments")
 
 
+async def test_rebalance_with_versions_puts_back_the_batch_read_ahead(
+    thread_safe_clock: trio.abc.Clock,
+    tmp_path: pathlib.Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With ``versions=``, a worker pops the batch after the one it hands
+    out and reads its versions in the background. A rebalance while such a
+    batch is out: its messages of revoked partitions go back (no key runs on
+    both members, none is lost), and the revoke does not wait out
+    shutdown_timeout for messages no worker runs."""
+    broker = MemoryBroker(partitions=6, session_timeout=5)
+    produce_many(broker, "payments", 3000, keys=60)
+    overlap = OrderChecker()
+    handled: set[tuple[int, int]] = set()
+
+    def member() -> App:
+        app = make_app(
+            broker,
+            concurrency=4,
+            capacity=400,
+            fetch_max=100,
+            shutdown_timeout=30,
+            versions=tmp_path / "v",
+        )
+
+        @app.handler
+        async def handle(msg: Message) -> None:
+            overlap.start(msg)
+            await trio.sleep(0.002)
+            overlap.end(msg)
+            handled.add((msg.partition, msg.offset))
+
+        return app
+
+    a, b = member(), member()
+    started = trio.current_time()
+    async with trio.open_nursery() as n:
+        await n.start(a.run)
+        await trio.sleep(0.2)
+        assert a._run is not None
+        assert a._run.next_batch, "a batch is read ahead"
+        await n.start(functools.partial(b.run, until_idle=True))
+        await wait_until(lambda: sum(broker.committed("wallet").values()) >= 3000, 0.1)
+        a.stop()
+    assert "still running after shutdown_timeout" not in caplog.text
+    assert trio.current_time() - started < 30
+    assert overlap.overlaps == [], "a key ran on both members at once"
+    assert len(handled) == 3000
+    assert broker.committed("wallet") == end_offsets(broker, "payments")
+
+
 async def test_backpressure_keeps_memory_bounded(autojump_clock: trio.abc.Clock) -> None:
     broker = MemoryBroker(partitions=4)
     app = make_app(broker, capacity=200, concurrency=4, fetch_max=64)

@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -80,10 +80,13 @@ class Run:
         self.until_idle = until_idle
         self.metrics: Metrics = app._metrics
         self.batch = max(16, min(1024, 4 * app.concurrency))
+        # With a version table, the batch after the one being handled is
+        # popped early (its table lookups run meanwhile): room for both.
+        ahead = 2 if app._versions_table is not None else 1
         self.d = Dispatcher(
             app.ordering,
             capacity=app.capacity,
-            max_in_flight=app.concurrency + self.batch,
+            max_in_flight=app.concurrency + ahead * self.batch,
         )
         self.consumer: Consumer = app.broker.consumer(app.group, app.topics)
         self.calls = BrokerCalls(app.group, app.broker_timeout, self.metrics)
@@ -128,6 +131,12 @@ class Run:
         self.pushed_by_fetch = 0
         # Worker state.
         self.ready: deque[Ticket] = deque()
+        # With a guard: the next batch, popped while the one before it is
+        # handled, and set once its table lookups (a worker-thread hop) are
+        # done; one refill at a time takes it (_checked_batch).
+        self.next_batch: list[Ticket] | None = None
+        self.next_checked = trio.Event()
+        self.refill_lock = trio.Lock()
         # Partitions being revoked, and retry backoffs in progress.
         self.draining: set[int] = set()
         self.retrying: dict[Ticket, trio.CancelScope] = {}
@@ -396,7 +405,7 @@ class Run:
         attempt (each waiting out its retry) and those queued behind them:
         nothing running, done or ready, no held record, every ticket in
         flight a blocked one waiting, and nothing ready to pop."""
-        if self.running or self.done or self.ready or self.overflow:
+        if self.running or self.done or self.ready or self.next_batch or self.overflow:
             return False
         if self.rp is not None and self.rp.holding:
             return False
@@ -630,13 +639,9 @@ class Run:
             gone = set(ids)
             self.overflow = deque(e for e in self.overflow if e[1] not in gone)
         # Popped but not started: put back and drop too.
-        keep: deque[Ticket] = deque()
-        for t in self.ready:
-            if t.partition in self.draining:
-                self.d.retry(t)
-            else:
-                keep.append(t)
-        self.ready = keep
+        self.ready = self._put_back_draining(self.ready)
+        if self.next_batch is not None:
+            self.next_batch = list(self._put_back_draining(self.next_batch))
         dropped += self.d.drop_queued(ids) + held
         # Waiting out a retry backoff is not running: cut it short.
         for t, scope in list(self.retrying.items()):
@@ -679,6 +684,17 @@ class Run:
         except BrokerError as e:
             log.warning("group %s: release of %s failed: %s", self.app.group, sorted(tps), e)
 
+    def _put_back_draining(self, tickets: Iterable[Ticket]) -> deque[Ticket]:
+        """Tickets not of a draining partition; the others go back to the
+        dispatcher (and are dropped with their partition)."""
+        keep: deque[Ticket] = deque()
+        for t in tickets:
+            if t.partition in self.draining:
+                self.d.retry(t)
+            else:
+                keep.append(t)
+        return keep
+
     def _forget(self, tps: frozenset[TopicPartition], ids: Any) -> None:
         self.owned.difference_update(tps)
         for tp in tps:
@@ -704,10 +720,14 @@ class Run:
         """Fills the shared ready queue; False when the worker should exit."""
         self._flush()
         while not self.closing:
-            tickets = self.d.pop_ready(self.batch)
-            if tickets and self.guard is not None:
-                await self.guard.prefetch([t.item for t in tickets])
-                tickets = self._still_owned(tickets)
+            if self.guard is None:
+                tickets = self.d.pop_ready(self.batch)
+            else:
+                async with self.refill_lock:
+                    if self.ready:
+                        # Refilled by the worker this one waited for.
+                        return True
+                    tickets = await self._checked_batch()
             if tickets:
                 self.ready.extend(tickets)
                 # This worker takes one; parked ones take the rest now, not
@@ -724,6 +744,36 @@ class Run:
                 return True
             await self._park()
         return False
+
+    async def _checked_batch(self) -> list[Ticket]:
+        """The next batch to handle, with the guard's table lookups done,
+        and the lookups of the batch after it started in the background: the
+        loop runs this batch's handlers while a worker thread reads for the
+        next, instead of waiting idle for every batch's read. Safe for
+        per-key order: both batches are popped, so no key is in both."""
+        assert self.guard is not None
+        if self.next_batch is not None:
+            await self.next_checked.wait()
+            tickets, self.next_batch = self.next_batch, None
+        else:
+            tickets = self.d.pop_ready(self.batch)
+            if tickets:
+                await self.guard.prefetch([t.item for t in tickets])
+        if not tickets:
+            return tickets
+        tickets = self._still_owned(tickets)
+        after = self.d.pop_ready(self.batch)
+        if after:
+            self.next_batch, self.next_checked = after, trio.Event()
+            self._side(self._prefetch_after, [t.item for t in after], self.next_checked)
+        return tickets
+
+    async def _prefetch_after(self, items: list[Message], checked: trio.Event) -> None:
+        assert self.guard is not None
+        try:
+            await self.guard.prefetch(items)
+        finally:
+            checked.set()
 
     def _still_owned(self, tickets: list[Ticket]) -> list[Ticket]:
         """Tickets whose partition was not revoked while they were held
@@ -743,6 +793,10 @@ class Run:
         return keep
 
     async def _park(self) -> None:
+        if self.closing:
+            # Closing began while this worker waited (for the refill lock, a
+            # prefetch): the wake-up that told the others is past.
+            return
         self.runners -= 1
         try:
             await self.work.park()
