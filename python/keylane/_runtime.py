@@ -775,20 +775,22 @@ class Run:
         next, instead of waiting idle for every batch's read. Safe for
         per-key order: both batches are popped, so no key is in both."""
         assert self.guard is not None
+        tickets: list[Ticket] = []
         if self.next_batch is not None:
             await self.next_checked.wait()
-            tickets, self.next_batch = self.next_batch, None
-        else:
-            tickets = self.d.pop_ready(self.batch)
-            if tickets:
-                await self.guard.prefetch([t.item for t in tickets])
+            tickets, self.next_batch = self._still_owned(self.next_batch), None
         if not tickets:
-            return tickets
-        tickets = self._still_owned(tickets)
-        after = self.d.pop_ready(self.batch)
-        if after:
-            self.next_batch, self.next_checked = after, trio.Event()
-            self._side(self._prefetch_after, [t.item for t in after], self.next_checked)
+            # None read ahead, or a revoke took all of it: read now.
+            tickets = self.d.pop_ready(self.batch)
+            if not tickets:
+                return tickets
+            await self.guard.prefetch([t.item for t in tickets])
+            tickets = self._still_owned(tickets)
+        if tickets:
+            after = self.d.pop_ready(self.batch)
+            if after:
+                self.next_batch, self.next_checked = after, trio.Event()
+                self._side(self._prefetch_after, [t.item for t in after], self.next_checked)
         return tickets
 
     async def _prefetch_after(self, items: list[Message], checked: trio.Event) -> None:
