@@ -397,7 +397,7 @@ class Run:
 
     def _short_of(self, room: int) -> bool:
         """No room, or too little for a full fetch while more than the
-        workers need soon is queued (the wake-up in _flush matches this)."""
+        workers need soon is queued (also what _flush wakes the feeder on)."""
         return room == 0 or (room < self.fetch_low and len(self.d) > self.low_water)
 
     def _debug_feed(self, pushed: int) -> None:
@@ -860,10 +860,9 @@ class Run:
             self.d.complete_many(done)
             done.clear()
             self._wake(n, by_worker=by_worker)
-            d = self.d
-            # The feeder waits for this much room while the backlog is long
-            # (_feed); waking it for less is a step of the loop for nothing.
-            if d.free_capacity >= self.fetch_low or len(d) <= self.low_water:
+            # The feeder waits while short of room (_feed); waking it before
+            # that is over is a step of the loop for nothing.
+            if not self._short_of(self.d.free_capacity):
                 self.space.unpark_all()
             self.progress.unpark_all()
 
