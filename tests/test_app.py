@@ -685,6 +685,44 @@ async def test_the_feeder_still_fetches_while_it_waits_for_room(
     assert max(b - a for a, b in itertools.pairwise(times)) <= 0.25
 
 
+async def test_record_each_writes_of_different_keys_overlap(
+    thread_safe_clock: trio.abc.Clock,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``record_versions="each"`` a worker waits for its message's
+    write (an fsync) after a handler that never suspends: other workers take
+    the ready messages of other keys meanwhile, rather than every write
+    waiting for the one before it."""
+    from keylane import _guard
+
+    broker = MemoryBroker(partitions=2)
+    for i in range(200):
+        broker.produce("payments", key=f"k{i % 50}", value=b"x", headers={"version": str(i)})
+    writing = [0, 0]  # now, most at once
+    record = _guard.Guard.record
+
+    async def counted(self: _guard.Guard, message: Message) -> None:
+        writing[0] += 1
+        writing[1] = max(writing)
+        try:
+            await record(self, message)
+        finally:
+            writing[0] -= 1
+
+    monkeypatch.setattr(_guard.Guard, "record", counted)
+    app = make_app(broker, concurrency=8, versions=tmp_path / "v", record_versions="each")
+
+    @app.handler
+    async def handle(msg: Message) -> None:
+        return None
+
+    with trio.fail_after(60):
+        await app.run(until_idle=True)
+    assert app.stats()["handled"] == 200
+    assert writing[1] > 1, "the writes ran one at a time"
+
+
 async def test_backpressure_keeps_memory_bounded(autojump_clock: trio.abc.Clock) -> None:
     broker = MemoryBroker(partitions=4)
     app = make_app(broker, capacity=200, concurrency=4, fetch_max=64)
