@@ -702,11 +702,11 @@ async def test_record_each_writes_of_different_keys_overlap(
     writing = [0, 0]  # now, most at once
     record = _guard.Guard.record
 
-    async def counted(self: _guard.Guard, message: Message) -> None:
+    async def counted(self: _guard.Guard, ticket: keylane.Ticket) -> None:
         writing[0] += 1
         writing[1] = max(writing)
         try:
-            await record(self, message)
+            await record(self, ticket)
         finally:
             writing[0] -= 1
 
@@ -805,20 +805,21 @@ async def test_version_of_and_id_of_run_once_per_message(
 async def test_versions_recorded_faster_than_commits_are_written_early(
     thread_safe_clock: trio.abc.Clock, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Past Guard's _FLUSH_AT recorded versions the committer writes them at
+    """Past Guard's FLUSH_AT recorded versions the committer writes them at
     once (no dict grows to a resize that holds the loop), while offsets are
     still committed once per commit_interval."""
     from keylane import _guard
 
-    monkeypatch.setattr(_guard, "_FLUSH_AT", 40)
+    monkeypatch.setattr(_guard, "FLUSH_AT", 40)
     writes: list[int] = []
-    real_write = _guard.Guard._write
+    real_flush = _guard.Guard.flush
 
     async def counted(self: _guard.Guard) -> None:
-        writes.append(len(self.flushing_versions))
-        await real_write(self)
+        if self.core.recorded:
+            writes.append(self.core.recorded)
+        await real_flush(self)
 
-    monkeypatch.setattr(_guard.Guard, "_write", counted)
+    monkeypatch.setattr(_guard.Guard, "flush", counted)
     broker = MemoryBroker(partitions=2)
     produce_many(broker, "payments", 2000, keys=1000)
     app = make_app(broker, versions=tmp_path / "v", commit_interval=3600.0)

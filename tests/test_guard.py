@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import re
 from typing import Any
 
 import pytest
@@ -170,115 +171,116 @@ def test_producing_a_header_name_that_is_not_text_is_refused() -> None:
     assert broker.topics() == {}, "a failed produce changes nothing"
 
 
-class _RecordingTable:
-    """A VersionTable stand-in that records which thread asks what."""
-
-    def __init__(self, versions: dict[bytes, int], seen: set[bytes]) -> None:
-        self.versions, self.seen_ids = versions, seen
-        self.calls: list[tuple[str, bool]] = []
-
-    def _note(self, name: str) -> None:
-        import threading
-
-        self.calls.append((name, threading.current_thread() is threading.main_thread()))
-
-    def get(self, key: bytes) -> int | None:
-        self._note("get")
-        return self.versions.get(key)
-
-    def get_many(self, keys: list[bytes]) -> list[int | None]:
-        self._note("get_many")
-        return [self.versions.get(k) for k in keys]
-
-    def is_seen(self, mid: bytes) -> bool:
-        self._note("is_seen")
-        return mid in self.seen_ids
-
-    def is_seen_many(self, mids: list[bytes]) -> list[bool]:
-        self._note("is_seen_many")
-        return [m in self.seen_ids for m in mids]
-
-    def check_and_set_many(self, pairs: Any) -> None:
-        self._note("check_and_set_many")
-        for k, v in pairs:
-            self.versions[k] = max(v, self.versions.get(k, -1))
-
-    def mark_seen_many(self, ids: Any, ttl_s: float | None = None) -> None:
-        self._note("mark_seen_many")
-        self.seen_ids.update(ids)
-
-
 def _msg(key: bytes, version: int, mid: str) -> Message:
     return Message(
         "t", 0, version, key, b"", {"version": str(version).encode(), "id": mid.encode()}, 0.0
     )
 
 
-async def test_prefetched_lookups_keep_the_table_off_the_trio_thread() -> None:
-    from keylane._guard import Guard, id_header, version_header
+def _tickets(*messages: Message) -> list[keylane.Ticket]:
+    d = keylane.Dispatcher("key")
+    d.push_many([(m.key, 0, i, m) for i, m in enumerate(messages)])
+    tickets = d.pop_ready(len(messages))
+    assert len(tickets) == len(messages)
+    return tickets
 
-    table = _RecordingTable({b"a": 5}, {b"old"})
-    guard = Guard(table, version_header, id_header, None)  # type: ignore[arg-type]
-    batch = [_msg(b"a", 5, "m1"), _msg(b"b", 1, "old"), _msg(b"c", 1, "new")]
-    await guard.prefetch(batch)
-    assert [guard.before(m) for m in batch] == ["stale", "duplicate", None]
-    on_trio_thread = [name for name, main in table.calls if main]
-    assert on_trio_thread == [], f"looked up on the Trio thread: {on_trio_thread}"
+
+async def test_prefetched_lookups_keep_the_table_off_the_trio_thread(
+    tmp_path: pathlib.Path,
+) -> None:
+    from keylane._guard import DUPLICATE, RUN, STALE, Guard, id_header, version_header
+
+    with keylane.VersionTable(tmp_path / "v") as table:
+        table.check_and_set(b"a", 5)
+        table.mark_seen(b"old")
+        guard = Guard(table, version_header, id_header, None)
+        batch = _tickets(_msg(b"a", 5, "m1"), _msg(b"b", 1, "old"), _msg(b"c", 1, "new"))
+        await guard.prefetch(batch)
+        assert [guard.check(t) for t in batch] == [STALE, DUPLICATE, RUN]
+        assert guard.core.looked_up_in_place == 0, "a check read the table on the Trio thread"
+        # Nothing read ahead for this one: looked up where it is checked.
+        (late,) = _tickets(Message("t", 1, 9, b"a", b"", {"version": b"6"}, 0.0))
+        assert guard.check(late) == RUN
+        assert guard.core.looked_up_in_place == 1
 
 
 async def test_a_prefetch_read_before_a_flush_never_answers_for_it(
     tmp_path: pathlib.Path,
 ) -> None:
-    """An answer prefetched before a flush wrote a newer version must not
+    """An answer read ahead before a flush wrote a newer version must not
     outlive the in-memory record the flush forgets."""
-    from keylane._guard import Guard, version_header
+    from keylane._guard import RUN, STALE, Guard, version_header
 
     with keylane.VersionTable(tmp_path / "v") as table:
         table.check_and_set(b"a", 4)
         guard = Guard(table, version_header, None, None)
-        guard.prefetched_versions[b"a"] = 4  # read before the write below
-        guard.versions[b"a"] = 5  # handled, in memory only
+        first, again = _tickets(_msg(b"a", 5, "x"), _msg(b"b", 0, "y"))
+        (redelivered,) = _tickets(_msg(b"a", 5, "x"))
+        await guard.prefetch([first, redelivered])  # both read "4"
+        assert guard.check(first) == RUN
+        guard.applied(first)  # handled, in memory only
         await guard.flush()  # written, and forgotten from memory
         assert table.get(b"a") == 5
-        assert guard.before(_msg(b"a", 5, "x")) == "stale"
+        assert guard.core.recorded == 0
+        assert guard.check(redelivered) == STALE
+        assert guard.check(again) == RUN
 
 
-@pytest.mark.parametrize("cancel", [False, True])
-async def test_a_large_flush_raises_prefetched_answers_in_steps(
-    tmp_path: pathlib.Path, cancel: bool
-) -> None:
-    """The walk that raises prefetched answers after a big flush yields
-    between steps; meanwhile before() still answers from the flush's own
-    record, and a walk cancelled part way drops every prefetched answer."""
-    from keylane._guard import Guard, version_header
+async def test_a_failed_flush_keeps_what_it_held(tmp_path: pathlib.Path) -> None:
+    """A flush the table refuses raises, and what it held stays recorded:
+    it still answers the checks and is written by the next flush."""
+    from keylane._guard import STALE, Guard, version_header
 
-    keys = [b"k%05d" % i for i in range(10_000)]
+    table = keylane.VersionTable(tmp_path / "v")
+    guard = Guard(table, version_header, None, None)
+    (t,) = _tickets(_msg(b"a", 3, "x"))
+    guard.prepare([t])
+    guard.applied(t)
+    table.close()
+    with pytest.raises(keylane.StoreError, match="closed"):
+        await guard.flush()
+    assert guard.core.recorded == 1
+    with keylane.VersionTable(tmp_path / "v") as reopened:
+        guard = Guard(reopened, version_header, None, None)
+        (same,) = _tickets(_msg(b"a", 3, "x"))
+        guard.prepare([same])
+        guard.applied(same)
+        await guard.flush()
+        (redelivered,) = _tickets(_msg(b"a", 3, "x"))
+        assert guard.check(redelivered) == STALE
+        assert reopened.get(b"a") == 3
+
+
+async def test_what_version_of_and_id_of_return_is_checked(tmp_path: pathlib.Path) -> None:
+    """Every value version_of or id_of can give: usable ones are used, the
+    others make the message poison, with what was wrong."""
+    from keylane._guard import RUN, Guard, PoisonMessage
+
+    def boom(m: Message) -> int:
+        raise KeyError("nope")
+
+    cases: list[tuple[Any, Any, str | None]] = [
+        (lambda m: 7, lambda m: "id-1", None),
+        (lambda m: None, lambda m: None, None),
+        (lambda m: 2**63 - 1, lambda m: b"\x00", None),
+        (lambda m: True, None, "version_of returned True"),
+        (lambda m: -1, None, "version_of returned -1"),
+        (lambda m: 2**63, None, "versions are ints from 0 to 2**63-1"),
+        (lambda m: "5", None, "version_of returned '5'"),
+        (boom, None, "version_of failed: KeyError('nope')"),
+        (None, lambda m: b"", "ids are non-empty bytes or str"),
+        (None, lambda m: "", "ids are non-empty bytes or str"),
+        (None, lambda m: 5, "id_of returned 5"),
+        (None, lambda m: "\ud800", "not valid text"),
+        (None, boom, "id_of failed"),
+    ]
     with keylane.VersionTable(tmp_path / "v") as table:
-        guard = Guard(table, version_header, None, None)
-        for k in keys:
-            guard.prefetched_versions[k] = 1  # read before the write below
-            guard.versions[k] = 2
-        mid_walk: list[str | None] = []
-
-        async def probe(scope: trio.CancelScope) -> None:
-            while True:
-                walking = guard.flushing_versions and guard.prefetched_versions[keys[0]] == 2
-                if walking and guard.prefetched_versions[keys[-1]] == 1:
-                    mid_walk.append(guard.before(_msg(keys[-1], 2, "x")))
-                    if cancel:
-                        scope.cancel()
-                await trio.lowlevel.checkpoint()
-
-        async with trio.open_nursery() as n:
-            with trio.CancelScope() as flushing:
-                n.start_soon(probe, flushing)
-                await guard.flush()
-            n.cancel_scope.cancel()
-        assert mid_walk, "the walk never yielded part way"
-        assert set(mid_walk) == {"stale"}, mid_walk
-        assert table.get(keys[-1]) == 2
-        if cancel:
-            assert guard.prefetched_versions == {}
-        else:
-            assert set(guard.prefetched_versions.values()) == {2}
-        assert guard.before(_msg(keys[-1], 2, "x")) == "stale"
+        for version_of, id_of, problem in cases:
+            guard = Guard(table, version_of, id_of, None)
+            (t,) = _tickets(_msg(b"k", 1, "i"))
+            await guard.prefetch([t])
+            if problem is None:
+                assert guard.check(t) == RUN
+            else:
+                with pytest.raises(PoisonMessage, match=re.escape(problem)):
+                    guard.check(t)

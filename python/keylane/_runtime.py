@@ -38,7 +38,7 @@ import trio
 
 from keylane import _handler_call
 from keylane._broker_calls import BrokerCalls
-from keylane._guard import Guard, PoisonMessage
+from keylane._guard import DUPLICATE, RUN, STALE, Guard, PoisonMessage
 from keylane._native import Dispatcher, Ticket
 from keylane._repartition import Held, Repartition
 from keylane.brokers.base import Acknowledging, Consumer, Fetch, TopicPartition
@@ -623,6 +623,10 @@ class Run:
         self.overflow.extend(entries[accepted:])
 
     async def _rebalance(self, fetch: Fetch) -> None:
+        if self.guard is not None and (fetch.assigned or fetch.revoked or fetch.lost):
+            # Other members may have written the keys of partitions that
+            # move: what the guard knows of them is no longer sure.
+            self.guard.core.forget()
         if self.rp is not None and fetch.partitions:
             if fetch.assigned or any(t not in self.rp.counts for t in fetch.partitions):
                 await self._learn_growths(fetch.partitions)
@@ -787,19 +791,19 @@ class Run:
             tickets = self.d.pop_ready(self.batch)
             if not tickets:
                 return tickets
-            await self.guard.prefetch([t.item for t in tickets])
+            await self.guard.prefetch(tickets)
             tickets = self._still_owned(tickets)
         if tickets:
             after = self.d.pop_ready(self.batch)
             if after:
                 self.next_batch, self.next_checked = after, trio.Event()
-                self._side(self._prefetch_after, [t.item for t in after], self.next_checked)
+                self._side(self._prefetch_after, after, self.next_checked)
         return tickets
 
-    async def _prefetch_after(self, items: list[Message], checked: trio.Event) -> None:
+    async def _prefetch_after(self, tickets: list[Ticket], checked: trio.Event) -> None:
         assert self.guard is not None
         try:
-            await self.guard.prefetch(items)
+            await self.guard.prefetch(tickets)
         finally:
             checked.set()
 
@@ -874,6 +878,8 @@ class Run:
     async def _worker(self) -> None:
         done, metrics = self.done, self.metrics
         counters, guard = metrics.counters, self.guard
+        if guard is not None:
+            gcheck, gapplied, flush_at = guard.core.check, guard.core.applied, guard.flush_at
         record_each = self.app.record_versions == "each"
         handler = self.app._handler
         assert handler is not None
@@ -906,7 +912,10 @@ class Run:
                 continue
             if guard is not None:
                 try:
-                    verdict, table_key, version, mid = guard.check(msg)
+                    verdict = gcheck(t)
+                    if verdict > DUPLICATE:
+                        # Not prepared, or poison (which this raises).
+                        verdict = guard.check(t)
                 except PoisonMessage as e:
                     self._poison(t, msg, e)
                     continue
@@ -915,8 +924,8 @@ class Run:
                     # failure, never the end of the run.
                     self._failed(t, msg, e)
                     continue
-                if verdict is not None:
-                    counters["stale_dropped" if verdict == "stale" else "duplicates_skipped"] += 1
+                if verdict != RUN:
+                    counters["stale_dropped" if verdict == STALE else "duplicates_skipped"] += 1
                     done.append(t)
                     continue
             if sampled:
@@ -962,14 +971,14 @@ class Run:
                     # from being written now.
                     with trio.CancelScope(shield=True):
                         try:
-                            await guard.record(msg)
+                            await guard.record(t)
                         except Exception as e:
                             # Not recorded, so not done: handled again later
                             # (at least once), never committed past.
                             self._failed(t, msg, e)
                             continue
-                else:
-                    guard.applied(table_key, version, mid)
+                elif gapplied(t) >= flush_at:
+                    guard.full.set()
             if not done:
                 self.done_since = perf_counter()
             done.append(t)

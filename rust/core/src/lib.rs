@@ -4,6 +4,7 @@
 
 pub mod dispatch;
 pub mod error;
+pub mod guard;
 pub mod partitioner;
 mod sync;
 pub mod versions;

@@ -67,8 +67,10 @@ pub const MAX_VERSION: u64 = i64::MAX as u64;
 const FOREVER: u64 = u64::MAX;
 /// LMDB's key size limit (511 bytes by default); ids also carry an 8-byte
 /// expiry prefix in the index.
-const MAX_KEY: usize = 511;
-const MAX_ID: usize = MAX_KEY - 8;
+/// The longest key the table holds (LMDB's key limit).
+pub const MAX_KEY: usize = 511;
+/// The longest message id (an id's entry also carries its expiry).
+pub const MAX_ID: usize = MAX_KEY - 8;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Meta {

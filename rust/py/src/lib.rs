@@ -5,6 +5,7 @@ mod args;
 mod dispatcher;
 mod errors;
 mod gc;
+mod guard;
 mod partitioner;
 mod ticket;
 mod version_batch;
@@ -27,5 +28,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     version_table::register(m)?;
     version_batch::register(m)?;
     gc::register(m)?;
+    guard::register(m)?;
     Ok(())
 }

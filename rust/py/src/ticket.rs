@@ -1,6 +1,9 @@
 //! `keylane.Ticket`: one in-flight message handed out by a `Dispatcher`.
 
+use std::sync::OnceLock;
+
 use keylane_core::dispatch::Receipt;
+use keylane_core::guard::Checked;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 
@@ -26,7 +29,7 @@ pub(crate) struct Payload {
 #[derive(Debug)]
 pub(crate) struct Ticket {
     #[pyo3(get)]
-    key: Py<PyAny>,
+    pub(crate) key: Py<PyAny>,
     #[pyo3(get)]
     item: Py<PyAny>,
     #[pyo3(get)]
@@ -37,6 +40,9 @@ pub(crate) struct Ticket {
     attempt: u32,
     /// Taken by the first `complete`/`retry`; `None` afterwards.
     receipt: Mutex<Option<Receipt>>,
+    /// What an App's guard checks this message with, or why it cannot
+    /// (set once, by `GuardCore.prepare`).
+    pub(crate) checked: OnceLock<Result<Checked, String>>,
 }
 
 impl Ticket {
@@ -48,6 +54,7 @@ impl Ticket {
             offset,
             attempt,
             receipt: Mutex::new(Some(receipt)),
+            checked: OnceLock::new(),
         }
     }
 

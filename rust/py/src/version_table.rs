@@ -27,7 +27,7 @@ pub(crate) fn version_arg(obj: &Bound<'_, PyAny>) -> Result<u64> {
 }
 
 /// `None`, or a positive number of seconds, as milliseconds.
-fn ttl_arg(obj: Option<&Bound<'_, PyAny>>) -> Result<Option<u64>> {
+pub(crate) fn ttl_arg(obj: Option<&Bound<'_, PyAny>>) -> Result<Option<u64>> {
     let Some(obj) = obj.filter(|o| !o.is_none()) else { return Ok(None) };
     if obj.is_instance_of::<pyo3::types::PyBool>() {
         return Err(invalid_type("ttl_s must be a number of seconds or None, not bool"));
@@ -64,7 +64,7 @@ pub(crate) struct VersionTable {
 }
 
 impl VersionTable {
-    fn open(&self) -> Result<Arc<core::VersionTable>> {
+    pub(crate) fn open(&self) -> Result<Arc<core::VersionTable>> {
         self.table
             .read()
             .clone()
@@ -72,7 +72,7 @@ impl VersionTable {
     }
 
     /// Milliseconds since the epoch, from the injected clock or the system.
-    fn now_ms(&self, py: Python<'_>) -> Result<u64> {
+    pub(crate) fn now_ms(&self, py: Python<'_>) -> Result<u64> {
         let secs: f64 = match &self.clock {
             Some(clock) => clock
                 .bind(py)

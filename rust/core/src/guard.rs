@@ -1,0 +1,568 @@
+//! What an App's stale-version and duplicate-id checks remember between its
+//! version table and its handlers.
+//!
+//! The rules (python/keylane/_guard.py tells them to users): a message whose
+//! version is not newer than the one applied for its key is stale; one whose
+//! id was seen is a duplicate. What handlers applied is recorded here first
+//! (`applied`) and written to the table by `write`, one transaction per
+//! flush; until then it answers the checks itself.
+//!
+//! The table is read ahead of the handlers, a batch at a time (`read`, in a
+//! worker thread): a reader waits for the table's lock, which a writer holds
+//! through a whole commit, fold and fsync included. Nothing here that the
+//! event loop calls (`plan`, `check`, `applied`) touches the table unless an
+//! answer was not read ahead. The state's own mutex is only ever held for
+//! map operations, never across table I/O.
+//!
+//! Every answer here is a lower bound that only rises: a read that raced a
+//! write is merged with `max`, so it can never lower what a write raised.
+
+use std::sync::Arc;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+
+use foldhash::fast::RandomState;
+use hashbrown::{HashMap, HashSet};
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+
+use crate::Result;
+use crate::versions::{MAX_ID, MAX_KEY, VersionTable};
+
+/// Keys and ids the table cannot hold as they are (empty, too long) are
+/// stored as this prefix + their SHA-256; so is anything that starts with
+/// the prefix, so a crafted key cannot alias another key's digest.
+pub const HASHED_PREFIX: &[u8] = b"\x00keylane:sha256:";
+
+/// Answers read ahead and not consumed (their messages were revoked) are
+/// dropped past this many; a miss only means a lookup in place.
+const READ_BOUND: usize = 1 << 16;
+/// Versions this process applied, kept to answer later messages of the same
+/// keys without reading the table, up to this many; past it, all but those
+/// not yet written are forgotten at once. Reserved up front: growing a map
+/// this size rehashes it in one step, milliseconds of a held event loop.
+const KNOWN_BOUND: usize = 1 << 18;
+
+/// The table entry name of a message key (`limit` = `MAX_KEY`) or id
+/// (`MAX_ID`).
+pub fn table_name(raw: &[u8], limit: usize) -> Box<[u8]> {
+    if !raw.is_empty() && raw.len() <= limit && !raw.starts_with(HASHED_PREFIX) {
+        return raw.into();
+    }
+    let mut name = Vec::with_capacity(HASHED_PREFIX.len() + 32);
+    name.extend_from_slice(HASHED_PREFIX);
+    name.extend_from_slice(&Sha256::digest(raw));
+    name.into_boxed_slice()
+}
+
+/// What one message is checked with: its key's table name and version (a
+/// keyless message or one without a version has none), and its id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checked {
+    pub version: Option<(Box<[u8]>, u64)>,
+    pub id: Option<Box<[u8]>>,
+}
+
+impl Checked {
+    /// `key` and `id` as they came with the message (names are made here).
+    pub fn new(key: Option<&[u8]>, version: Option<u64>, id: Option<&[u8]>) -> Self {
+        Checked {
+            version: key.zip(version).map(|(k, v)| (table_name(k, MAX_KEY), v)),
+            id: id.map(|i| table_name(i, MAX_ID)),
+        }
+    }
+}
+
+/// A check's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Run,
+    Stale,
+    Duplicate,
+}
+
+type Map<V> = HashMap<Box<[u8]>, V, RandomState>;
+type Set = HashSet<Box<[u8]>, RandomState>;
+
+fn raise(map: &mut Map<u64>, name: &[u8], version: u64) {
+    match map.get_mut(name) {
+        Some(v) => *v = (*v).max(version),
+        None => {
+            map.insert(name.into(), version);
+        }
+    }
+}
+
+/// Versions and ids applied by handlers, not yet in the table.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    versions: Map<u64>,
+    ids: Set,
+}
+
+impl Recorded {
+    fn is_empty(&self) -> bool {
+        self.versions.is_empty() && self.ids.is_empty()
+    }
+
+    fn raise(&mut self, name: &[u8], version: u64) {
+        raise(&mut self.versions, name, version);
+    }
+
+    fn merge(&mut self, other: &Recorded) {
+        for (name, &version) in &other.versions {
+            self.raise(name, version);
+        }
+        for id in &other.ids {
+            if !self.ids.contains(id) {
+                self.ids.insert(id.clone());
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// Applied since the last write began.
+    recorded: Recorded,
+    /// Handed to the write in progress (shared with it, never changed).
+    writing: Arc<Recorded>,
+    /// What the table said for messages about to run, consumed by `check`.
+    read_versions: Map<Option<u64>>,
+    read_ids: Map<bool>,
+    /// The newest version this process applied per key: recorded, being
+    /// written, or written (a superset of `recorded` and `writing`, so one
+    /// lookup answers). Only while its partitions stay its own: another
+    /// member may write their keys once they move, so the runtime calls
+    /// `forget` at every change of assignment.
+    known: Map<u64>,
+    /// Bumped by `forget`: a read planned before it is not kept.
+    generation: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            recorded: Recorded::default(),
+            writing: Arc::default(),
+            read_versions: Map::default(),
+            read_ids: Map::default(),
+            known: Map::with_capacity_and_hasher(KNOWN_BOUND, RandomState::default()),
+            generation: 0,
+        }
+    }
+}
+
+impl State {
+    /// Replaces what is known by what is not yet written (recorded or
+    /// being written); returns the old map, to be dropped once the lock is
+    /// let go (freeing 100,000s of names takes milliseconds). What was read
+    /// ahead is dropped too: it may be older than a forgotten write.
+    fn reset_known(&mut self) -> Map<u64> {
+        let mut fresh = Map::with_capacity_and_hasher(KNOWN_BOUND, RandomState::default());
+        for (name, &v) in self.recorded.versions.iter().chain(&self.writing.versions) {
+            raise(&mut fresh, name, v);
+        }
+        self.read_versions.clear();
+        self.read_ids.clear();
+        std::mem::replace(&mut self.known, fresh)
+    }
+
+    /// What this process knows of `name` without the table: what it applied
+    /// (recorded or being written).
+    fn applied_version(&self, name: &[u8]) -> Option<u64> {
+        self.known.get(name).copied()
+    }
+
+    fn applied_id(&self, id: &[u8]) -> bool {
+        self.recorded.ids.contains(id) || self.writing.ids.contains(id)
+    }
+
+    /// Raises what was read ahead by what a write stored. Walks the smaller
+    /// side: what is read ahead is a batch or two, a write up to a flush.
+    fn written(&mut self, written: &Recorded) {
+        if self.read_versions.len() <= written.versions.len() {
+            for (name, known) in self.read_versions.iter_mut() {
+                if let Some(&v) = written.versions.get(name) {
+                    *known = Some(known.map_or(v, |k| k.max(v)));
+                }
+            }
+        } else {
+            for (name, &v) in &written.versions {
+                if let Some(known) = self.read_versions.get_mut(name) {
+                    *known = Some(known.map_or(v, |k| k.max(v)));
+                }
+            }
+        }
+        if self.read_ids.len() <= written.ids.len() {
+            for (id, seen) in self.read_ids.iter_mut() {
+                *seen |= written.ids.contains(id);
+            }
+        } else {
+            for id in &written.ids {
+                if let Some(seen) = self.read_ids.get_mut(id) {
+                    *seen = true;
+                }
+            }
+        }
+    }
+}
+
+/// Names to read from the table for a batch about to run.
+#[derive(Debug, Default)]
+pub struct Reads {
+    versions: Vec<Box<[u8]>>,
+    ids: Vec<Box<[u8]>>,
+    generation: u64,
+}
+
+impl Reads {
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty() && self.ids.is_empty()
+    }
+}
+
+/// The checks' memory. The table is passed to each call that reads or
+/// writes it: whoever holds it may close it meanwhile.
+#[derive(Debug, Default)]
+pub struct Guard {
+    state: Mutex<State>,
+    /// Checks that had to read the table themselves (nothing read ahead).
+    in_place: AtomicU64,
+}
+
+impl Guard {
+    pub fn new() -> Self {
+        Guard::default()
+    }
+
+    /// What of `batch` must be read from the table before its checks: names
+    /// neither applied here nor already read ahead.
+    pub fn plan<'a>(&self, batch: impl IntoIterator<Item = &'a Checked>) -> Reads {
+        let state = self.state.lock();
+        let mut reads = Reads { generation: state.generation, ..Reads::default() };
+        let mut versions: HashSet<&[u8], RandomState> = HashSet::default();
+        let mut ids: HashSet<&[u8], RandomState> = HashSet::default();
+        for c in batch {
+            if let Some((name, _)) = &c.version
+                && state.applied_version(name).is_none()
+                && !state.read_versions.contains_key(name)
+                && versions.insert(name)
+            {
+                reads.versions.push(name.clone());
+            }
+            if let Some(id) = &c.id
+                && !state.applied_id(id)
+                && !state.read_ids.contains_key(id)
+                && ids.insert(id)
+            {
+                reads.ids.push(id.clone());
+            }
+        }
+        reads
+    }
+
+    /// Reads what `plan` asked for (blocks while a write holds the table)
+    /// and keeps the answers for `check`. `now_ms` dates the ids' expiry.
+    pub fn read(&self, table: &VersionTable, reads: &Reads, now_ms: u64) -> Result<()> {
+        let versions = if reads.versions.is_empty() {
+            Vec::new()
+        } else {
+            let names: Vec<&[u8]> = reads.versions.iter().map(|n| &n[..]).collect();
+            table.get_many(&names)?
+        };
+        let seen = if reads.ids.is_empty() {
+            Vec::new()
+        } else {
+            let ids: Vec<&[u8]> = reads.ids.iter().map(|n| &n[..]).collect();
+            table.is_seen_many(&ids, now_ms)?
+        };
+        let mut state = self.state.lock();
+        if state.generation != reads.generation {
+            // Read before an assignment changed: may predate another
+            // member's writes.
+            return Ok(());
+        }
+        if state.read_versions.len() > READ_BOUND {
+            state.read_versions.clear();
+        }
+        if state.read_ids.len() > READ_BOUND {
+            state.read_ids.clear();
+        }
+        for (name, version) in reads.versions.iter().zip(versions) {
+            let known = state.read_versions.entry(name.clone()).or_insert(None);
+            *known = (*known).max(version);
+        }
+        for (id, was_seen) in reads.ids.iter().zip(seen) {
+            *state.read_ids.entry(id.clone()).or_insert(false) |= was_seen;
+        }
+        Ok(())
+    }
+
+    /// Whether the message may run. What was read ahead for it is used up;
+    /// what was not is read in place (the only table access here).
+    pub fn check(&self, table: &VersionTable, c: &Checked, now_ms: impl FnOnce() -> u64) -> Result<Verdict> {
+        let mut state = self.state.lock();
+        if let Some(id) = &c.id {
+            if state.applied_id(id) {
+                return Ok(Verdict::Duplicate);
+            }
+            let seen = match state.read_ids.remove(id) {
+                Some(seen) => seen,
+                None => {
+                    drop(state);
+                    self.in_place.fetch_add(1, Relaxed);
+                    let seen = table.is_seen(id, now_ms())?;
+                    state = self.state.lock();
+                    seen
+                }
+            };
+            if seen {
+                return Ok(Verdict::Duplicate);
+            }
+        }
+        let Some((name, version)) = &c.version else { return Ok(Verdict::Run) };
+        let known = match state.applied_version(name) {
+            Some(v) => Some(v),
+            None => match state.read_versions.remove(name) {
+                Some(read) => read,
+                None => {
+                    drop(state);
+                    self.in_place.fetch_add(1, Relaxed);
+                    table.get(name)?
+                }
+            },
+        };
+        Ok(if known.is_some_and(|k| *version <= k) { Verdict::Stale } else { Verdict::Run })
+    }
+
+    /// Records what a handler applied; returns how many versions or ids are
+    /// now recorded and not yet being written (the caller flushes early past
+    /// a bound).
+    pub fn applied(&self, c: &Checked) -> usize {
+        let mut state = self.state.lock();
+        if let Some((name, version)) = &c.version {
+            state.recorded.raise(name, *version);
+            raise(&mut state.known, name, *version);
+        }
+        if let Some(id) = &c.id
+            && !state.recorded.ids.contains(id)
+        {
+            state.recorded.ids.insert(id.clone());
+        }
+        state.recorded.versions.len().max(state.recorded.ids.len())
+    }
+
+    /// How many checks read the table themselves, nothing having been read
+    /// ahead for them.
+    pub fn looked_up_in_place(&self) -> u64 {
+        self.in_place.load(Relaxed)
+    }
+
+    /// How many versions or ids are recorded and not yet being written.
+    pub fn recorded(&self) -> usize {
+        let state = self.state.lock();
+        state.recorded.versions.len().max(state.recorded.ids.len())
+    }
+
+    /// Writes what is recorded, in one transaction per kind (versions, then
+    /// ids with `ttl_ms`). One write at a time: the caller serializes them.
+    /// Until it returns, what it writes still answers the checks; on
+    /// failure it is recorded again, to be written by the next call.
+    pub fn write(&self, table: &VersionTable, ttl_ms: Option<u64>, now_ms: u64) -> Result<()> {
+        let writing = {
+            let mut state = self.state.lock();
+            if state.recorded.is_empty() {
+                return Ok(());
+            }
+            let taken = Arc::new(std::mem::take(&mut state.recorded));
+            state.writing = Arc::clone(&taken);
+            taken
+        };
+        let result = Self::store(table, &writing, ttl_ms, now_ms);
+        let mut state = self.state.lock();
+        match &result {
+            Ok(()) => state.written(&writing),
+            Err(_) => state.recorded.merge(&writing),
+        }
+        state.writing = Arc::default();
+        let forgotten = (state.known.len() > KNOWN_BOUND).then(|| state.reset_known());
+        drop(state);
+        drop(forgotten);
+        result
+    }
+
+    /// Forgets what was read ahead and what this process knows it wrote:
+    /// called when its assignment changes (other members may write the
+    /// keys of partitions it gets back). What is recorded or being written
+    /// is its own and stays.
+    pub fn forget(&self) {
+        let mut state = self.state.lock();
+        state.generation += 1;
+        let forgotten = state.reset_known();
+        drop(state);
+        drop(forgotten);
+    }
+
+    /// Writes one message's version and id now (`record_versions="each"`).
+    pub fn write_one(
+        &self,
+        table: &VersionTable,
+        c: &Checked,
+        ttl_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<()> {
+        let mut one = Recorded::default();
+        if let Some((name, version)) = &c.version {
+            one.raise(name, *version);
+        }
+        if let Some(id) = &c.id {
+            one.ids.insert(id.clone());
+        }
+        if one.is_empty() {
+            return Ok(());
+        }
+        Self::store(table, &one, ttl_ms, now_ms)?;
+        let mut state = self.state.lock();
+        if let Some((name, version)) = &c.version {
+            raise(&mut state.known, name, *version);
+        }
+        state.written(&one);
+        Ok(())
+    }
+
+    fn store(table: &VersionTable, r: &Recorded, ttl_ms: Option<u64>, now_ms: u64) -> Result<()> {
+        if !r.versions.is_empty() {
+            let pairs: Vec<(&[u8], u64)> = r.versions.iter().map(|(k, &v)| (&k[..], v)).collect();
+            table.check_and_set_many(&pairs)?;
+        }
+        if !r.ids.is_empty() {
+            let ids: Vec<&[u8]> = r.ids.iter().map(|i| &i[..]).collect();
+            table.mark_seen_many(&ids, ttl_ms, now_ms)?;
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn read_counts(&self) -> (usize, usize) {
+        let state = self.state.lock();
+        (state.read_versions.len(), state.read_ids.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::versions::Options;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        table: VersionTable,
+        guard: Guard,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let table = VersionTable::open(&dir.path().join("v"), Options::default()).unwrap();
+        Fixture { _dir: dir, table, guard: Guard::new() }
+    }
+
+    fn msg(key: &[u8], version: u64, id: Option<&[u8]>) -> Checked {
+        Checked::new(Some(key), Some(version), id)
+    }
+
+    #[test]
+    fn names_keep_valid_keys_and_hash_the_rest() {
+        assert_eq!(&*table_name(b"acct", MAX_KEY), b"acct");
+        let long = vec![b'k'; MAX_KEY + 1];
+        for raw in [&b""[..], &long[..]] {
+            let name = table_name(raw, MAX_KEY);
+            assert!(name.starts_with(HASHED_PREFIX));
+            assert_eq!(name.len(), HASHED_PREFIX.len() + 32);
+        }
+        let forged = table_name(&long, MAX_KEY);
+        assert_ne!(table_name(&forged, MAX_KEY), forged, "a crafted name is hashed again");
+        // SHA-256("") is the published empty-input digest.
+        assert_eq!(table_name(b"", MAX_KEY)[HASHED_PREFIX.len()..][..4], [0xe3, 0xb0, 0xc4, 0x42]);
+    }
+
+    #[test]
+    fn stale_and_duplicate_by_memory_read_ahead_and_table() {
+        let f = fixture();
+        let (t, g) = (&f.table, &f.guard);
+        t.check_and_set(b"a", 5).unwrap();
+        t.mark_seen(b"i1", None, 0).unwrap();
+        let batch = [msg(b"a", 5, None), msg(b"b", 1, Some(b"i1")), msg(b"c", 1, Some(b"i2"))];
+        let reads = g.plan(&batch);
+        assert_eq!(reads.versions.len(), 3);
+        g.read(t, &reads, 1).unwrap();
+        let verdicts: Vec<_> = batch.iter().map(|c| g.check(t, c, || 1).unwrap()).collect();
+        assert_eq!(verdicts, [Verdict::Stale, Verdict::Duplicate, Verdict::Run]);
+        assert_eq!(g.read_counts(), (1, 0), "answers are used up (b's was not asked)");
+        assert_eq!(g.applied(&batch[2]), 1);
+        // Applied here: answered from memory, no read needed.
+        assert!(g.plan([&msg(b"c", 1, Some(b"i2"))]).is_empty());
+        assert_eq!(g.check(t, &msg(b"c", 1, None), || 1).unwrap(), Verdict::Stale);
+        assert_eq!(g.check(t, &msg(b"z", 1, Some(b"i2")), || 1).unwrap(), Verdict::Duplicate);
+        assert_eq!(g.looked_up_in_place(), 0);
+        // Not read ahead: looked up in place.
+        assert_eq!(g.check(t, &msg(b"a", 6, None), || 1).unwrap(), Verdict::Run);
+        assert_eq!(g.looked_up_in_place(), 1);
+    }
+
+    #[test]
+    fn a_write_raises_what_was_read_before_it() {
+        let f = fixture();
+        let (t, g) = (&f.table, &f.guard);
+        let first = msg(b"a", 4, Some(b"x"));
+        g.read(t, &g.plan([&first]), 1).unwrap(); // reads: none, unseen
+        g.applied(&msg(b"a", 7, Some(b"x")));
+        g.write(t, None, 1).unwrap();
+        assert_eq!(t.get(b"a").unwrap(), Some(7));
+        // The answer read before the write must not say "4 is new".
+        assert_eq!(g.check(t, &first, || 1).unwrap(), Verdict::Duplicate);
+        assert_eq!(g.check(t, &msg(b"a", 4, None), || 1).unwrap(), Verdict::Stale);
+        assert_eq!(g.recorded(), 0);
+        // Known from the write: no read needed, until the assignment changes.
+        assert!(g.plan([&msg(b"a", 8, None)]).is_empty());
+        assert_eq!(g.check(t, &msg(b"a", 7, None), || 1).unwrap(), Verdict::Stale);
+        g.forget();
+        assert_eq!(g.plan([&msg(b"a", 8, None)]).versions.len(), 1);
+    }
+
+    #[test]
+    fn a_read_planned_before_forget_is_not_kept() {
+        let f = fixture();
+        let (t, g) = (&f.table, &f.guard);
+        let reads = g.plan([&msg(b"a", 1, None)]);
+        g.forget();
+        g.read(t, &reads, 1).unwrap();
+        assert_eq!(g.read_counts(), (0, 0));
+    }
+
+    #[test]
+    fn a_read_that_raced_a_write_never_lowers_it() {
+        let f = fixture();
+        let (t, g) = (&f.table, &f.guard);
+        // Raised to 9 by a write while an older read of "a" (none) was out.
+        g.state.lock().read_versions.insert((*b"a").into(), Some(9));
+        g.read(t, &g_reads(b"a"), 1).unwrap();
+        assert_eq!(g.check(t, &msg(b"a", 9, None), || 1).unwrap(), Verdict::Stale);
+    }
+
+    fn g_reads(name: &[u8]) -> Reads {
+        Reads { versions: vec![name.into()], ids: Vec::new(), generation: 0 }
+    }
+
+    #[test]
+    fn a_failed_write_keeps_what_it_held() {
+        let f = fixture();
+        let (t, g) = (&f.table, &f.guard);
+        g.applied(&msg(b"a", 3, None));
+        g.applied(&Checked { version: Some(((*b"").into(), 1)), id: None });
+        assert!(g.write(t, None, 1).is_err(), "an empty name is refused by the table");
+        assert_eq!(g.recorded(), 2, "recorded again, for the next write");
+        assert_eq!(g.check(t, &msg(b"a", 3, None), || 1).unwrap(), Verdict::Stale);
+    }
+}
