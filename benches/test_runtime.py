@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import keylane
-from keylane import _runtime
+from keylane._runtime import work
 from keylane.bench import runner
 from keylane.bench.workloads import Workload
 
@@ -99,12 +99,12 @@ def test_event_loop_hold(perf: Perf, monkeypatch: pytest.MonkeyPatch) -> None:
     (p99) and 20 ms (max), for at most 10% of throughput. The cost is measured
     against the same runtime with its time slice switched off (one slice of
     infinite length), in alternating rounds of one run."""
-    shipped = _runtime._SLICE
+    shipped = work._SLICE
 
     def with_slice(seconds: float) -> Callable[[int], AbstractContextManager[dict[str, Any]]]:
         @contextlib.contextmanager
         def setup(_: int) -> Iterator[dict[str, Any]]:
-            monkeypatch.setattr(_runtime, "_SLICE", seconds)
+            monkeypatch.setattr(work, "_SLICE", seconds)
             yield {}
 
         return setup
