@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import trio
 
@@ -91,12 +90,19 @@ class Guard:
         version_of: Callable[[Message], int | None] | None,
         id_of: Callable[[Message], bytes | str | None] | None,
         dedupe_ttl: float | None,
+        *,
+        one_per_key: bool = False,
     ) -> None:
         self.table = table
         self.version_of = version_of
         self.id_of = id_of
         self.dedupe_ttl = dedupe_ttl
-        self.core = GuardCore(table)
+        self.core = GuardCore(table, one_per_key=one_per_key)
+        # What a handler applied may be recorded when its key is released
+        # rather than at once: its key's next message cannot run before.
+        # Not with ids (another key's message may carry the same id) or
+        # when a key may be out twice.
+        self.record_on_release = one_per_key and id_of is None
         self.flush_at = FLUSH_AT
         self._limiter = trio.CapacityLimiter(1)
         # One flush at a time (commits and acknowledgements both flush).
@@ -107,27 +113,11 @@ class Guard:
         self._reader = trio.CapacityLimiter(1)
 
     def prepare(self, tickets: Sequence[Ticket]) -> GuardReads | None:
-        """Takes each ticket's version and id (``version_of``/``id_of`` run
-        once per message, here) into the native guard; returns what it must
-        read from the table before their checks, or None."""
-        items: list[Any] = [t.item for t in tickets]
-        vo, io = self.version_of, self.id_of
-        versions: list[object]
-        if vo is None:
-            versions = [None] * len(items)
-        else:
-            try:
-                # Stale checks are per key: a keyless record has no version.
-                versions = [None if m.key is None else vo(m) for m in items]
-            except Exception:
-                versions = [None if m.key is None else _called(vo, m, "version_of") for m in items]
-        ids: list[object] | None = None
-        if io is not None:
-            try:
-                ids = [io(m) for m in items]
-            except Exception:
-                ids = [_called(io, m, "id_of") for m in items]
-        return self.core.prepare(list(tickets), versions, ids)
+        """Takes each ticket's version and id into the native guard
+        (``version_of``/``id_of`` run once per message, called from there);
+        returns what it must read from the table before their checks, or
+        None. A message they fail on (or answer unusably) is poison."""
+        return self.core.prepare(list(tickets), self.version_of, self.id_of)
 
     async def prefetch(self, tickets: Sequence[Ticket]) -> None:
         """``prepare``, then the table reads it asks for in one worker-thread
@@ -178,11 +168,3 @@ class Guard:
             # Not abandoned on cancellation: the write finishes, and until it
             # does what it holds still answers the checks.
             await trio.to_thread.run_sync(write, limiter=self._limiter)
-
-
-def _called(fn: Callable[[Message], object], message: Message, name: str) -> object:
-    """``fn(message)``, or the PoisonMessage that names its failure."""
-    try:
-        return fn(message)
-    except Exception as e:
-        return PoisonMessage(f"{name} failed: {e!r}")

@@ -82,7 +82,16 @@ class Run(Feeding, Rebalancing, Working, Failures, Committing):
     async def main(self, task_status: trio.TaskStatus[None], *, handle_signals: bool) -> None:
         app = self.app
         if app._versions_table is not None:
-            self.guard = Guard(app._versions_table, app._version_of, app._id_of, app._dedupe_ttl)
+            self.guard = Guard(
+                app._versions_table,
+                app._version_of,
+                app._id_of,
+                app._dedupe_ttl,
+                # One message of a key out at a time: a batch's verdicts can
+                # be given when its reads are in (not so by partition, where
+                # a key may be out in two partitions at once).
+                one_per_key=app.ordering in ("key", "total"),
+            )
         detach = (
             app._metrics_sink.attach(self.metrics, app.group)
             if app._metrics_sink is not None

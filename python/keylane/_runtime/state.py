@@ -104,6 +104,10 @@ class State:
         self.blocked: dict[tuple[int, int], dict[str, Any]] = {}
         self.idle_blocked: list[dict[str, Any]] = []
         self.done: list[Ticket] = []
+        # With a guard that records on release: the tickets in ``done``
+        # whose handler ran, recorded as applied in one call when ``done``
+        # is flushed (_flush).
+        self.applied: list[Ticket] = []
         # When the oldest ticket in ``done`` completed (perf_counter).
         self.done_since = 0.0
         self.running = 0

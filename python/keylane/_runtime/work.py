@@ -147,6 +147,13 @@ class Working(State):
         done = self.done
         if done:
             n = len(done)
+            if self.applied:
+                # Recorded before their keys are released: a key's next
+                # message is checked against what this one applied.
+                assert self.guard is not None
+                if self.guard.core.applied_many(self.applied) >= self.guard.flush_at:
+                    self.guard.full.set()
+                self.applied.clear()
             if self.acks is not None:
                 self.to_ack.extend([(t.partition, t.offset) for t in done])
                 self.ack_due.unpark_all()
@@ -164,6 +171,7 @@ class Working(State):
         counters, guard = metrics.counters, self.guard
         if guard is not None:
             gcheck, gapplied, flush_at = guard.core.check, guard.core.applied, guard.flush_at
+            applied = self.applied if guard.record_on_release else None
         record_each = self.app.record_versions == "each"
         handler = self.app._handler
         assert handler is not None
@@ -261,6 +269,8 @@ class Working(State):
                             # (at least once), never committed past.
                             self._failed(t, msg, e)
                             continue
+                elif applied is not None:
+                    applied.append(t)
                 elif gapplied(t) >= flush_at:
                     guard.full.set()
             if not done:

@@ -180,6 +180,55 @@ impl State {
         })
     }
 
+    /// `check`'s rule from memory alone; `None` when the table must be
+    /// read, or when the verdict is Run and may not hold until the message
+    /// runs (`runs_hold` false, or the message has an id: another message
+    /// with that id may be applied first). Read-ahead answers are used up
+    /// only by a verdict given.
+    fn judge(&mut self, c: &Checked, runs_hold: bool) -> Option<Verdict> {
+        if let Some(id) = &c.id {
+            if self.applied_id(id) {
+                return Some(Verdict::Duplicate);
+            }
+            if *self.read_ids.get(id)? {
+                self.read_ids.remove(id);
+                return Some(Verdict::Duplicate);
+            }
+        }
+        let verdict = match &c.version {
+            None => Verdict::Run,
+            Some((name, version)) => {
+                let known = match self.applied_version(name) {
+                    Some(v) => Some(v),
+                    None => *self.read_versions.get(name)?,
+                };
+                if known.is_some_and(|k| *version <= k) { Verdict::Stale } else { Verdict::Run }
+            }
+        };
+        if verdict == Verdict::Run && (!runs_hold || c.id.is_some()) {
+            return None;
+        }
+        if let Some((name, _)) = &c.version {
+            self.read_versions.remove(name);
+        }
+        if let Some(id) = &c.id {
+            self.read_ids.remove(id);
+        }
+        Some(verdict)
+    }
+
+    fn applied(&mut self, c: &Checked) {
+        if let Some((name, version)) = &c.version {
+            self.recorded.raise(name, *version);
+            raise(&mut self.known, name, *version);
+        }
+        if let Some(id) = &c.id
+            && !self.recorded.ids.contains(id)
+        {
+            self.recorded.ids.insert(id.clone());
+        }
+    }
+
     /// What this process knows of `name` without the table: what it applied
     /// (recorded or being written).
     fn applied_version(&self, name: &[u8]) -> Option<u64> {
@@ -246,13 +295,15 @@ pub struct Guard {
     state: Mutex<State>,
     /// Checks that had to read the table themselves (nothing read ahead).
     in_place: AtomicU64,
+    /// `State::generation`, readable without the lock.
+    generation: AtomicU64,
 }
 
 impl Default for Guard {
     fn default() -> Self {
         let known = Map::with_capacity_and_hasher(KNOWN_BOUND, RandomState::default());
         let state = State { known, recorded: Recorded::reserved(), ..State::default() };
-        Guard { state: Mutex::new(state), in_place: AtomicU64::new(0) }
+        Guard { state: Mutex::new(state), in_place: AtomicU64::new(0), generation: AtomicU64::new(0) }
     }
 }
 
@@ -330,6 +381,31 @@ impl Guard {
         Ok(())
     }
 
+    /// What `check` would answer for each of `batch` now, from memory and
+    /// what was read ahead only, under one lock (`None`: left to `check`).
+    /// Stale and Duplicate hold for good (what is known only rises). Run
+    /// holds until the message runs only if no other message of its key
+    /// can complete meanwhile: pass `runs_hold` for batches the dispatcher
+    /// hands out with ordering "key" or "partition" (one message of a key
+    /// out at a time, recorded before its key is released); Run is never
+    /// given to a message with an id. Returns the generation the verdicts
+    /// hold for (see `generation`).
+    pub fn judge<'a>(
+        &self,
+        batch: impl IntoIterator<Item = &'a Checked>,
+        runs_hold: bool,
+    ) -> (u64, Vec<Option<Verdict>>) {
+        let mut state = self.state.lock();
+        let verdicts = batch.into_iter().map(|c| state.judge(c, runs_hold)).collect();
+        (state.generation, verdicts)
+    }
+
+    /// Bumped by every `forget`: a verdict of `judge` from an older
+    /// generation may predate another member's writes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Relaxed)
+    }
+
     /// Whether the message may run. What was read ahead for it is used up;
     /// what was not is read in place (the only table access here).
     pub fn check(&self, table: &VersionTable, c: &Checked, now_ms: impl FnOnce() -> u64) -> Result<Verdict> {
@@ -371,15 +447,14 @@ impl Guard {
     /// now recorded and not yet being written (the caller flushes early past
     /// a bound).
     pub fn applied(&self, c: &Checked) -> usize {
+        self.applied_many([c])
+    }
+
+    /// `applied` for several messages, under one lock.
+    pub fn applied_many<'a>(&self, batch: impl IntoIterator<Item = &'a Checked>) -> usize {
         let mut state = self.state.lock();
-        if let Some((name, version)) = &c.version {
-            state.recorded.raise(name, *version);
-            raise(&mut state.known, name, *version);
-        }
-        if let Some(id) = &c.id
-            && !state.recorded.ids.contains(id)
-        {
-            state.recorded.ids.insert(id.clone());
+        for c in batch {
+            state.applied(c);
         }
         state.recorded.versions.len().max(state.recorded.ids.len())
     }
@@ -440,6 +515,7 @@ impl Guard {
     pub fn forget(&self) -> Forgotten {
         let mut state = self.state.lock();
         state.generation += 1;
+        self.generation.store(state.generation, Relaxed);
         state.reset_known()
     }
 
@@ -473,7 +549,7 @@ impl Guard {
     fn store(table: &VersionTable, r: &Recorded, ttl_ms: Option<u64>, now_ms: u64) -> Result<()> {
         if !r.versions.is_empty() {
             let pairs: Vec<(&[u8], u64)> = r.versions.iter().map(|(k, &v)| (&k[..], v)).collect();
-            table.check_and_set_many(&pairs)?;
+            table.check_and_set_many_folded(&pairs)?;
         }
         if !r.ids.is_empty() {
             let ids: Vec<&[u8]> = r.ids.iter().map(|i| &i[..]).collect();
@@ -547,6 +623,38 @@ mod tests {
         // Not read ahead: looked up in place.
         assert_eq!(g.check(t, &msg(b"a", 6, None), || 1).unwrap(), Verdict::Run);
         assert_eq!(g.looked_up_in_place(), 1);
+    }
+
+    #[test]
+    fn judge_gives_only_verdicts_that_hold_and_leaves_the_rest_to_check() {
+        let f = fixture();
+        let (t, g) = (&f.table, &f.guard);
+        t.check_and_set(b"a", 5).unwrap();
+        t.mark_seen(b"seen", None, 0).unwrap();
+        g.applied(&msg(b"m", 3, None));
+        let batch = [
+            msg(b"a", 5, None),          // stale by the table
+            msg(b"b", 1, None),          // new
+            msg(b"c", 1, Some(b"seen")), // duplicate by the table
+            msg(b"d", 1, Some(b"new")),  // new, but it has an id
+            msg(b"m", 2, None),          // stale by memory
+        ];
+        g.read(t, &g.plan(&batch), 1).unwrap();
+        let unread = msg(b"z", 1, None);
+        let (generation, verdicts) = g.judge(batch.iter().chain([&unread]), true);
+        use Verdict::*;
+        assert_eq!(verdicts, [Some(Stale), Some(Run), Some(Duplicate), None, Some(Stale), None]);
+        // What a verdict used is used up (a duplicate's version is not
+        // looked at, as in check); d's answers are left for check.
+        assert_eq!(g.read_counts(), (2, 1));
+        assert_eq!(g.check(t, &batch[3], || 1).unwrap(), Run);
+        assert_eq!(g.looked_up_in_place(), 0);
+        // Without runs_hold, Run is never given.
+        assert_eq!(g.judge([&msg(b"m", 9, None)], false).1, [None]);
+        assert_eq!(g.judge([&msg(b"m", 1, None)], false).1, [Some(Stale)]);
+        assert_eq!(g.generation(), generation);
+        g.forget();
+        assert_eq!(g.generation(), generation + 1);
     }
 
     #[test]

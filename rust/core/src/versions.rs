@@ -242,6 +242,19 @@ impl VersionTable {
     /// `check_and_set` for a batch, in one transaction. A key repeated in the
     /// batch is judged against the batch's own earlier entries.
     pub fn check_and_set_many(&self, pairs: &[(&[u8], u64)]) -> Result<Vec<bool>> {
+        self.set_newer(pairs, false)
+    }
+
+    /// `check_and_set_many`, then the journal folded in the same
+    /// transaction, so that it is left empty and `get_many` reads the
+    /// B-tree without waiting for the next writer. For callers that write
+    /// big batches anyway (the runtime's guard, one per flush), where the
+    /// journal saves nothing.
+    pub fn check_and_set_many_folded(&self, pairs: &[(&[u8], u64)]) -> Result<Vec<bool>> {
+        self.set_newer(pairs, true)
+    }
+
+    fn set_newer(&self, pairs: &[(&[u8], u64)], fold: bool) -> Result<Vec<bool>> {
         for (key, version) in pairs {
             check_key("key", key, MAX_KEY)?;
             check_version(*version)?;
@@ -254,7 +267,7 @@ impl VersionTable {
         if stale {
             return Ok(vec![false; pairs.len()]);
         }
-        self.write_indexed("check_and_set", |txn, index| self.apply(txn, index, pairs))
+        self.write_indexed("check_and_set", |txn, index| self.apply(txn, index, pairs, fold))
     }
 
     /// A write transaction that also changes the index. The index is locked
@@ -278,8 +291,15 @@ impl VersionTable {
 
     /// The body of `check_and_set_many`: judges each pair against the index
     /// (reading `versions` for keys it does not hold), appends the newer
-    /// ones as one journal record, and folds the journal if it is full.
-    fn apply(&self, txn: &mut RwTxn<'_>, index: &mut Index, pairs: &[(&[u8], u64)]) -> Txn<Vec<bool>> {
+    /// ones as one journal record, and folds the journal if it is full (or
+    /// `fold`).
+    fn apply(
+        &self,
+        txn: &mut RwTxn<'_>,
+        index: &mut Index,
+        pairs: &[(&[u8], u64)],
+        fold: bool,
+    ) -> Txn<Vec<bool>> {
         let Dbs { meta, journal, .. } = self.shared.dbs;
         self.catch_up(txn, index)?;
         let seq = index.next;
@@ -319,7 +339,7 @@ impl VersionTable {
             let count = meta_u64(meta, txn, COUNT, 0)? + new_keys;
             meta.put(txn, COUNT, &count.to_be_bytes())?;
         }
-        if index.journal_entries() >= self.shared.journal_entries {
+        if fold || index.journal_entries() >= self.shared.journal_entries {
             self.fold(txn, index)?;
         }
         Ok(out)
@@ -392,11 +412,26 @@ impl VersionTable {
         for key in keys {
             check_key("key", key, MAX_KEY)?;
         }
+        if let Some(found) = self.read("get", |txn| self.get_folded(txn, keys))? {
+            return Ok(found);
+        }
         let mut index = self.shared.index.lock();
         self.read("get", |txn| {
             self.catch_up(txn, &mut index)?;
             keys.iter().map(|key| self.stored(txn, &mut index, key)).collect()
         })
+    }
+
+    /// The versions of `keys` if the snapshot's journal is empty: the
+    /// B-tree alone then holds every version, and is read without the
+    /// index, whose lock a writer holds through its whole commit (fold and
+    /// fsync included). `None`: the journal has entries; ask the index.
+    fn get_folded(&self, txn: &RoTxn, keys: &[&[u8]]) -> Txn<Option<Vec<Option<u64>>>> {
+        let Dbs { journal, versions, .. } = self.shared.dbs;
+        if !journal.is_empty(txn)? {
+            return Ok(None);
+        }
+        Ok(Some(keys.iter().map(|key| versions.get(txn, key)).collect::<Result<_, _>>()?))
     }
 
     /// Number of keys with a version.
@@ -447,4 +482,34 @@ fn be_u64(b: &[u8]) -> Txn<u64> {
             b.len()
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn reads_of_a_folded_table_do_not_wait_for_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(
+            VersionTable::open(dir.path(), Options { durable: false, ..Options::default() }).unwrap(),
+        );
+        t.check_and_set_many_folded(&[(b"a", 3)]).unwrap();
+        // Held as a writer holds it through its commit.
+        let held = t.shared.index.lock();
+        let (tx, rx) = mpsc::channel();
+        let reader = Arc::clone(&t);
+        let read = std::thread::spawn(move || tx.send(reader.get_many(&[b"a", b"b"]).unwrap()));
+        let got = rx.recv_timeout(Duration::from_secs(30));
+        drop(held);
+        read.join().unwrap().ok();
+        assert_eq!(got.expect("the read waited for the index's lock"), [Some(3), None]);
+        // With entries in the journal, reads go through the index.
+        t.check_and_set_many(&[(b"b", 1)]).unwrap();
+        assert_eq!(t.get_many(&[b"a", b"b"]).unwrap(), [Some(3), Some(1)]);
+    }
 }

@@ -6,12 +6,12 @@
 
 use keylane_core::guard::{Checked, Guard, Reads, Verdict};
 use keylane_core::versions::MAX_VERSION;
-use pyo3::exceptions::PyBaseException;
+use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyInt, PyList, PyString};
 
 use crate::args::key_bytes;
-use crate::errors::{Result, invalid_argument};
+use crate::errors::Result;
 use crate::ticket::Ticket;
 use crate::version_table::{VersionTable, ttl_arg};
 
@@ -29,12 +29,25 @@ const UNPREPARED: u8 = 4;
 #[pyclass(module = "keylane._native", frozen, name = "GuardReads")]
 pub(crate) struct GuardReads {
     reads: Reads,
+    /// The batch's prepared tickets, judged once the reads are in.
+    tickets: Vec<Py<Ticket>>,
 }
 
 #[pyclass(module = "keylane._native", frozen, name = "GuardCore")]
 pub(crate) struct GuardCore {
     table: Py<VersionTable>,
     guard: Guard,
+    /// The batches come from a dispatcher that hands out one message of a
+    /// key at a time (ordering "key" or "total"): see `Guard::judge`.
+    one_per_key: bool,
+}
+
+fn code(verdict: Verdict) -> u8 {
+    match verdict {
+        Verdict::Run => RUN,
+        Verdict::Stale => STALE,
+        Verdict::Duplicate => DUPLICATE,
+    }
 }
 
 fn describe(obj: &Bound<'_, PyAny>) -> String {
@@ -42,14 +55,54 @@ fn describe(obj: &Bound<'_, PyAny>) -> String {
     text.chars().take(80).collect()
 }
 
-/// A `version_of` result: None, an int from 0 to 2**63-1 (not a bool), or
-/// the exception it raised (already described by the caller).
-fn version_of(obj: &Bound<'_, PyAny>) -> Result<Option<u64>, String> {
+/// What one ticket is checked with, or why it cannot be (the message is
+/// poison); `Err` only for what must go up (not an `Exception`).
+fn prepare_one(
+    ticket: &Ticket,
+    py: Python<'_>,
+    version_of: Option<&Bound<'_, PyAny>>,
+    id_of: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Result<Checked, String>> {
+    let item = ticket.item.bind(py);
+    let key = ticket.key.bind(py);
+    // Stale checks are per key: a keyless message has no version.
+    let key = if key.is_none() { None } else { key_bytes(key).ok() };
+    let version = match version_of.filter(|_| key.is_some()) {
+        None => None,
+        Some(f) => match called(f, item, "version_of")?.and_then(|v| parse_version(&v)) {
+            Ok(v) => v,
+            Err(problem) => return Ok(Err(problem)),
+        },
+    };
+    let id = match id_of {
+        None => None,
+        Some(f) => match called(f, item, "id_of")?.and_then(|i| parse_id(&i)) {
+            Ok(i) => i,
+            Err(problem) => return Ok(Err(problem)),
+        },
+    };
+    Ok(Ok(Checked::new(key.as_deref(), version, id.as_deref())))
+}
+
+/// `f(item)`, or the `Exception` it raised described as `"{name} failed:
+/// {exc!r}"`. Anything else raised (a cancellation, KeyboardInterrupt)
+/// goes up.
+fn called<'py>(f: &Bound<'py, PyAny>, item: &Bound<'py, PyAny>, name: &str) -> PyResult<Result<Bound<'py, PyAny>, String>> {
+    match f.call1((item,)) {
+        Ok(v) => Ok(Ok(v)),
+        Err(e) if e.is_instance_of::<PyException>(f.py()) => {
+            let exc = e.value(f.py());
+            let text = exc.repr().map(|r| r.to_string()).unwrap_or_else(|_| "<unprintable>".to_owned());
+            Ok(Err(format!("{name} failed: {text}")))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A `version_of` result: None, or an int from 0 to 2**63-1 (not a bool).
+fn parse_version(obj: &Bound<'_, PyAny>) -> Result<Option<u64>, String> {
     if obj.is_none() {
         return Ok(None);
-    }
-    if obj.is_instance_of::<PyBaseException>() {
-        return Err(obj.str().map(|s| s.to_string()).unwrap_or_default());
     }
     if obj.is_instance_of::<PyInt>()
         && !obj.is_instance_of::<PyBool>()
@@ -62,12 +115,9 @@ fn version_of(obj: &Bound<'_, PyAny>) -> Result<Option<u64>, String> {
 }
 
 /// An `id_of` result: None, non-empty bytes, or str (as UTF-8).
-fn id_of(obj: &Bound<'_, PyAny>) -> Result<Option<Vec<u8>>, String> {
+fn parse_id(obj: &Bound<'_, PyAny>) -> Result<Option<Vec<u8>>, String> {
     if obj.is_none() {
         return Ok(None);
-    }
-    if obj.is_instance_of::<PyBaseException>() {
-        return Err(obj.str().map(|s| s.to_string()).unwrap_or_default());
     }
     if let Ok(b) = obj.cast::<PyBytes>()
         && !b.as_bytes().is_empty()
@@ -86,6 +136,18 @@ fn id_of(obj: &Bound<'_, PyAny>) -> Result<Option<Vec<u8>>, String> {
 }
 
 impl GuardCore {
+    /// Judges a prepared batch (`Guard::judge`) and leaves each verdict
+    /// given in its ticket, for `check` to take.
+    fn judge(&self, tickets: &[&Ticket]) {
+        let checked = tickets.iter().filter_map(|t| t.checked.get().and_then(|c| c.as_ref().ok()));
+        let (generation, verdicts) = self.guard.judge(checked, self.one_per_key);
+        for (ticket, verdict) in tickets.iter().zip(verdicts) {
+            if let Some(verdict) = verdict {
+                ticket.set_verdict(generation, verdict);
+            }
+        }
+    }
+
     fn prepared<'a>(&self, ticket: &'a Bound<'_, PyAny>) -> Result<Option<&'a Result<Checked, String>>> {
         Ok(Ticket::cast(ticket)?.get().checked.get())
     }
@@ -94,44 +156,48 @@ impl GuardCore {
 #[pymethods]
 impl GuardCore {
     #[new]
-    fn new(table: Py<VersionTable>) -> Self {
-        GuardCore { table, guard: Guard::new() }
+    #[pyo3(signature = (table, *, one_per_key = false))]
+    fn new(table: Py<VersionTable>, one_per_key: bool) -> Self {
+        GuardCore { table, guard: Guard::new(), one_per_key }
     }
 
-    /// Takes each ticket's key, version (``versions[i]``: what version_of
-    /// returned or raised, None for none) and id (``ids[i]``, or None for
-    /// all), once; returns what must be read from the table before their
-    /// checks, or None. A ticket prepared before keeps what it had.
-    #[pyo3(signature = (tickets, versions, ids = None))]
+    /// Takes each ticket's key, version (``version_of(item)``; none for a
+    /// keyless message) and id (``id_of(item)``), once, calling them here;
+    /// returns what must be read from the table before their checks, or
+    /// None. A ticket prepared before keeps what it had. What either
+    /// raises (an ``Exception``) or returns that cannot be used makes the
+    /// ticket poison (``problem`` says why); anything else raised goes up.
+    #[pyo3(signature = (tickets, version_of = None, id_of = None))]
     fn prepare(
         &self,
         tickets: &Bound<'_, PyList>,
-        versions: &Bound<'_, PyList>,
-        ids: Option<&Bound<'_, PyList>>,
+        version_of: Option<&Bound<'_, PyAny>>,
+        id_of: Option<&Bound<'_, PyAny>>,
     ) -> Result<Option<GuardReads>> {
-        if versions.len() != tickets.len() || ids.is_some_and(|i| i.len() != tickets.len()) {
-            return Err(invalid_argument("prepare needs one version (and one id) per ticket"));
-        }
         let held: Vec<Bound<'_, PyAny>> = tickets.iter().collect();
         let mut batch = Vec::with_capacity(held.len());
-        for (i, obj) in held.iter().enumerate() {
-            let ticket = Ticket::cast(obj)?.get();
-            let checked = ticket.checked.get_or_init(|| {
-                let id = match ids {
-                    Some(ids) => id_of(&ids.get_item(i).expect("length checked"))?,
-                    None => None,
-                };
-                let version = version_of(&versions.get_item(i).expect("length checked"))?;
-                let key = ticket.key.bind(tickets.py());
-                let key = if key.is_none() { None } else { key_bytes(key).ok() };
-                Ok(Checked::new(key.as_deref(), version, id.as_deref()))
-            });
-            if let Ok(c) = checked {
+        let mut prepared = Vec::with_capacity(held.len());
+        for obj in &held {
+            let bound = Ticket::cast(obj)?;
+            let ticket = bound.get();
+            if ticket.checked.get().is_none() {
+                let checked = prepare_one(ticket, bound.py(), version_of, id_of)?;
+                // Only this thread (holding the GIL) sets it.
+                let _ = ticket.checked.set(checked);
+            }
+            if let Some(Ok(c)) = ticket.checked.get() {
                 batch.push(c);
+                prepared.push(bound);
             }
         }
         let reads = self.guard.plan(batch);
-        Ok((!reads.is_empty()).then_some(GuardReads { reads }))
+        if reads.is_empty() {
+            // Everything is answered from memory: judged now, in one call.
+            self.judge(&prepared.iter().map(|t| t.get()).collect::<Vec<_>>());
+            return Ok(None);
+        }
+        let tickets = prepared.into_iter().map(|t| t.clone().unbind()).collect();
+        Ok(Some(GuardReads { reads, tickets }))
     }
 
     /// Reads what ``prepare`` asked for, with the GIL released; it waits
@@ -140,14 +206,22 @@ impl GuardCore {
         let table = self.table.bind(py).get();
         let now = table.now_ms(py)?;
         let core = table.open()?;
-        let reads = &reads.get().reads;
-        Ok(py.detach(|| self.guard.read(&core, reads, now))?)
+        let reads = reads.get();
+        Ok(py.detach(|| {
+            self.guard.read(&core, &reads.reads, now)?;
+            self.judge(&reads.tickets.iter().map(|t| t.get()).collect::<Vec<_>>());
+            Ok::<_, keylane_core::Error>(())
+        })?)
     }
 
     /// 0 run, 1 stale, 2 duplicate, 3 poison (see ``problem``), 4 not
     /// prepared. Looks the table up in place for what was not read ahead.
     fn check(&self, py: Python<'_>, ticket: &Bound<'_, PyAny>) -> Result<u8> {
-        let Some(prepared) = self.prepared(ticket)? else { return Ok(UNPREPARED) };
+        let t = Ticket::cast(ticket)?.get();
+        if let Some(verdict) = t.take_verdict(self.guard.generation()) {
+            return Ok(code(verdict));
+        }
+        let Some(prepared) = t.checked.get() else { return Ok(UNPREPARED) };
         let Ok(checked) = prepared else { return Ok(POISON) };
         let table = self.table.bind(py).get();
         let core = table.open()?;
@@ -157,11 +231,7 @@ impl GuardCore {
             *now.as_ref().unwrap_or(&0)
         });
         now?;
-        Ok(match verdict? {
-            Verdict::Run => RUN,
-            Verdict::Stale => STALE,
-            Verdict::Duplicate => DUPLICATE,
-        })
+        Ok(code(verdict?))
     }
 
     /// Why a ticket's check answered 3.
@@ -176,6 +246,19 @@ impl GuardCore {
             Some(Ok(checked)) => Ok(self.guard.applied(checked)),
             _ => Ok(self.guard.recorded()),
         }
+    }
+
+    /// ``applied`` for a list of tickets, in one call (tickets that were
+    /// not prepared, or are poison, are passed over).
+    fn applied_many(&self, tickets: &Bound<'_, PyList>) -> Result<usize> {
+        let held: Vec<Bound<'_, PyAny>> = tickets.iter().collect();
+        let mut batch = Vec::with_capacity(held.len());
+        for obj in &held {
+            if let Some(Ok(c)) = self.prepared(obj)? {
+                batch.push(c);
+            }
+        }
+        Ok(self.guard.applied_many(batch))
     }
 
     /// How many checks read the table on the calling thread, nothing

@@ -1,9 +1,10 @@
 //! `keylane.Ticket`: one in-flight message handed out by a `Dispatcher`.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use keylane_core::dispatch::Receipt;
-use keylane_core::guard::Checked;
+use keylane_core::guard::{Checked, Verdict};
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 
@@ -31,7 +32,7 @@ pub(crate) struct Ticket {
     #[pyo3(get)]
     pub(crate) key: Py<PyAny>,
     #[pyo3(get)]
-    item: Py<PyAny>,
+    pub(crate) item: Py<PyAny>,
     #[pyo3(get)]
     partition: i32,
     #[pyo3(get)]
@@ -43,6 +44,9 @@ pub(crate) struct Ticket {
     /// What an App's guard checks this message with, or why it cannot
     /// (set once, by `GuardCore.prepare`).
     pub(crate) checked: OnceLock<Result<Checked, String>>,
+    /// A verdict the guard gave this message's batch ahead of its check,
+    /// with the guard generation it holds for (see `set_verdict`); 0: none.
+    verdict: AtomicU64,
 }
 
 impl Ticket {
@@ -55,7 +59,31 @@ impl Ticket {
             attempt,
             receipt: Mutex::new(Some(receipt)),
             checked: OnceLock::new(),
+            verdict: AtomicU64::new(0),
         }
+    }
+
+    pub(crate) fn set_verdict(&self, generation: u64, verdict: Verdict) {
+        let code = match verdict {
+            Verdict::Run => 1,
+            Verdict::Stale => 2,
+            Verdict::Duplicate => 3,
+        };
+        self.verdict.store(generation << 2 | code, Ordering::Relaxed);
+    }
+
+    /// The verdict given ahead, if it holds for `generation`; used up (a
+    /// retry of the message is judged again).
+    pub(crate) fn take_verdict(&self, generation: u64) -> Option<Verdict> {
+        let word = self.verdict.swap(0, Ordering::Relaxed);
+        if word == 0 || word >> 2 != generation {
+            return None;
+        }
+        Some(match word & 3 {
+            1 => Verdict::Run,
+            2 => Verdict::Stale,
+            _ => Verdict::Duplicate,
+        })
     }
 
     /// Takes the receipt, refusing a ticket that was already used.
