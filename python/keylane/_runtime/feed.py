@@ -142,7 +142,9 @@ class Feeding(State):
         attempt (each waiting out its retry) and those queued behind them:
         nothing running, done or ready, no held record, every ticket in
         flight a blocked one waiting, and nothing ready to pop."""
-        if self.running or self.done or self.ready or self.next_batch or self.overflow:
+        if self.running or self.done or self.ready or self.overflow:
+            return False
+        if any(batch for batch, _ in self.ahead):
             return False
         if self.rp is not None and self.rp.holding:
             return False

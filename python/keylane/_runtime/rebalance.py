@@ -68,8 +68,9 @@ class Rebalancing(State):
             self.overflow = deque(e for e in self.overflow if e[1] not in gone)
         # Popped but not started: put back and drop too.
         self.ready = self._put_back_draining(self.ready)
-        if self.next_batch is not None:
-            self.next_batch = list(self._put_back_draining(self.next_batch))
+        self.ahead = deque(
+            (list(self._put_back_draining(batch)), checked) for batch, checked in self.ahead
+        )
         dropped += self.d.drop_queued(ids) + held
         # Waiting out a retry backoff is not running: cut it short.
         for t, scope in list(self.retrying.items()):

@@ -12,7 +12,7 @@ import trio
 from keylane import _handler_call
 from keylane._guard import DUPLICATE, RUN, STALE, PoisonMessage
 from keylane._native import Ticket
-from keylane._runtime.state import State
+from keylane._runtime.state import READ_AHEAD, State
 from keylane.message import Message
 from keylane.metrics import SAMPLE_EVERY
 
@@ -61,15 +61,17 @@ class Working(State):
 
     async def _checked_batch(self) -> list[Ticket]:
         """The next batch to handle, with the guard's table lookups done,
-        and the lookups of the batch after it started in the background: the
-        loop runs this batch's handlers while a worker thread reads for the
-        next, instead of waiting idle for every batch's read. Safe for
-        per-key order: both batches are popped, so no key is in both."""
+        and the lookups of the READ_AHEAD batches after it started in the
+        background: the loop runs this batch's handlers while a worker
+        thread reads for the next ones, instead of waiting idle for every
+        batch's read. Safe for per-key order: every one of these batches is
+        popped, so no key is in two of them."""
         assert self.guard is not None
         tickets: list[Ticket] = []
-        if self.next_batch is not None:
-            await self.next_checked.wait()
-            tickets, self.next_batch = self._still_owned(self.next_batch), None
+        while self.ahead and not tickets:
+            await self.ahead[0][1].wait()
+            # A revoke meanwhile may have filtered the batches (same order).
+            tickets = self._still_owned(self.ahead.popleft()[0])
         if not tickets:
             # None read ahead, or a revoke took all of it: read now.
             tickets = self.d.pop_ready(self.batch)
@@ -77,11 +79,13 @@ class Working(State):
                 return tickets
             await self.guard.prefetch(tickets)
             tickets = self._still_owned(tickets)
-        if tickets:
+        while tickets and len(self.ahead) < READ_AHEAD:
             after = self.d.pop_ready(self.batch)
-            if after:
-                self.next_batch, self.next_checked = after, trio.Event()
-                self._side(self._prefetch_after, after, self.next_checked)
+            if not after:
+                break
+            checked = trio.Event()
+            self.ahead.append((after, checked))
+            self._side(self._prefetch_after, after, checked)
         return tickets
 
     async def _prefetch_after(self, tickets: list[Ticket], checked: trio.Event) -> None:

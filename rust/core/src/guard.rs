@@ -53,22 +53,22 @@ const RESERVED_RECORDS: usize = 1 << 16;
 
 /// The table entry name of a message key (`limit` = `MAX_KEY`) or id
 /// (`MAX_ID`).
-pub fn table_name(raw: &[u8], limit: usize) -> Box<[u8]> {
+pub fn table_name(raw: &[u8], limit: usize) -> Name {
     if !raw.is_empty() && raw.len() <= limit && !raw.starts_with(HASHED_PREFIX) {
         return raw.into();
     }
     let mut name = Vec::with_capacity(HASHED_PREFIX.len() + 32);
     name.extend_from_slice(HASHED_PREFIX);
     name.extend_from_slice(&Sha256::digest(raw));
-    name.into_boxed_slice()
+    name.into()
 }
 
 /// What one message is checked with: its key's table name and version (a
 /// keyless message or one without a version has none), and its id.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checked {
-    pub version: Option<(Box<[u8]>, u64)>,
-    pub id: Option<Box<[u8]>>,
+    pub version: Option<(Name, u64)>,
+    pub id: Option<Name>,
 }
 
 impl Checked {
@@ -89,14 +89,17 @@ pub enum Verdict {
     Duplicate,
 }
 
-type Map<V> = HashMap<Box<[u8]>, V, RandomState>;
-type Set = HashSet<Box<[u8]>, RandomState>;
+/// A table entry name, shared (not copied) by the maps that hold it: a
+/// message's name goes into two or three of them.
+pub type Name = Arc<[u8]>;
+type Map<V> = HashMap<Name, V, RandomState>;
+type Set = HashSet<Name, RandomState>;
 
-fn raise(map: &mut Map<u64>, name: &[u8], version: u64) {
+fn raise(map: &mut Map<u64>, name: &Name, version: u64) {
     match map.get_mut(name) {
         Some(v) => *v = (*v).max(version),
         None => {
-            map.insert(name.into(), version);
+            map.insert(Arc::clone(name), version);
         }
     }
 }
@@ -125,7 +128,7 @@ impl Recorded {
         self.versions.is_empty() && self.ids.is_empty()
     }
 
-    fn raise(&mut self, name: &[u8], version: u64) {
+    fn raise(&mut self, name: &Name, version: u64) {
         raise(&mut self.versions, name, version);
     }
 
@@ -272,8 +275,8 @@ impl State {
 /// Names to read from the table for a batch about to run.
 #[derive(Debug, Default)]
 pub struct Reads {
-    versions: Vec<Box<[u8]>>,
-    ids: Vec<Box<[u8]>>,
+    versions: Vec<Name>,
+    ids: Vec<Name>,
     generation: u64,
 }
 
