@@ -186,14 +186,19 @@ impl State {
     /// `check`'s rule from memory alone; `None` when the table must be
     /// read, or when the verdict is Run and may not hold until the message
     /// runs (`runs_hold` false, or the message has an id: another message
-    /// with that id may be applied first). Read-ahead answers are used up
+    /// with that id may be applied first). `got` holds answers just read
+    /// and not kept (they count with those kept). Kept answers are used up
     /// only by a verdict given.
-    fn judge(&mut self, c: &Checked, runs_hold: bool) -> Option<Verdict> {
+    fn judge(&mut self, c: &Checked, runs_hold: bool, got: &Got<'_>) -> Option<Verdict> {
         if let Some(id) = &c.id {
             if self.applied_id(id) {
                 return Some(Verdict::Duplicate);
             }
-            if *self.read_ids.get(id)? {
+            let seen = match (got.ids.get(&id[..]), self.read_ids.get(id)) {
+                (None, None) => return None,
+                (a, b) => a == Some(&true) || b == Some(&true),
+            };
+            if seen {
                 self.read_ids.remove(id);
                 return Some(Verdict::Duplicate);
             }
@@ -203,7 +208,10 @@ impl State {
             Some((name, version)) => {
                 let known = match self.applied_version(name) {
                     Some(v) => Some(v),
-                    None => *self.read_versions.get(name)?,
+                    None => match (got.versions.get(&name[..]), self.read_versions.get(name)) {
+                        (None, None) => return None,
+                        (a, b) => a.copied().flatten().max(b.copied().flatten()),
+                    },
                 };
                 if known.is_some_and(|k| *version <= k) { Verdict::Stale } else { Verdict::Run }
             }
@@ -218,6 +226,32 @@ impl State {
             self.read_ids.remove(id);
         }
         Some(verdict)
+    }
+
+    /// Keeps what was read for `c` (in `got`) for its `check`.
+    fn keep(&mut self, c: &Checked, got: &Got<'_>) {
+        if let Some((name, _)) = &c.version
+            && let Some(&version) = got.versions.get(&name[..])
+        {
+            let known = self.read_versions.entry(Arc::clone(name)).or_insert(None);
+            *known = (*known).max(version);
+        }
+        if let Some(id) = &c.id
+            && let Some(&seen) = got.ids.get(&id[..])
+        {
+            *self.read_ids.entry(Arc::clone(id)).or_insert(false) |= seen;
+        }
+    }
+
+    /// Answers read ahead and never used (their messages were revoked)
+    /// are dropped past READ_BOUND.
+    fn bound_reads(&mut self) {
+        if self.read_versions.len() > READ_BOUND {
+            self.read_versions.clear();
+        }
+        if self.read_ids.len() > READ_BOUND {
+            self.read_ids.clear();
+        }
     }
 
     fn applied(&mut self, c: &Checked) {
@@ -270,6 +304,13 @@ impl State {
             }
         }
     }
+}
+
+/// Answers just read from the table, by name.
+#[derive(Default)]
+struct Got<'a> {
+    versions: HashMap<&'a [u8], Option<u64>, RandomState>,
+    ids: HashMap<&'a [u8], bool, RandomState>,
 }
 
 /// Names to read from the table for a batch about to run.
@@ -350,38 +391,68 @@ impl Guard {
     /// Reads what `plan` asked for (blocks while a write holds the table)
     /// and keeps the answers for `check`. `now_ms` dates the ids' expiry.
     pub fn read(&self, table: &VersionTable, reads: &Reads, now_ms: u64) -> Result<()> {
-        let versions = if reads.versions.is_empty() {
-            Vec::new()
-        } else {
-            let names: Vec<&[u8]> = reads.versions.iter().map(|n| &n[..]).collect();
-            table.get_many(&names)?
-        };
-        let seen = if reads.ids.is_empty() {
-            Vec::new()
-        } else {
-            let ids: Vec<&[u8]> = reads.ids.iter().map(|n| &n[..]).collect();
-            table.is_seen_many(&ids, now_ms)?
-        };
+        let got = Self::fetch(table, reads, now_ms)?;
         let mut state = self.state.lock();
         if state.generation != reads.generation {
             // Read before an assignment changed: may predate another
             // member's writes.
             return Ok(());
         }
-        if state.read_versions.len() > READ_BOUND {
-            state.read_versions.clear();
-        }
-        if state.read_ids.len() > READ_BOUND {
-            state.read_ids.clear();
-        }
-        for (name, version) in reads.versions.iter().zip(versions) {
-            let known = state.read_versions.entry(name.clone()).or_insert(None);
+        state.bound_reads();
+        for name in &reads.versions {
+            let version = got.versions[&name[..]];
+            let known = state.read_versions.entry(Arc::clone(name)).or_insert(None);
             *known = (*known).max(version);
         }
-        for (id, was_seen) in reads.ids.iter().zip(seen) {
-            *state.read_ids.entry(id.clone()).or_insert(false) |= was_seen;
+        for id in &reads.ids {
+            *state.read_ids.entry(Arc::clone(id)).or_insert(false) |= got.ids[&id[..]];
         }
         Ok(())
+    }
+
+    /// `read`, then `judge` of `batch` (the messages `reads` was planned
+    /// for) in the same lock, keeping only the answers no verdict used.
+    /// Called from a reading thread: the lock the event loop's calls take
+    /// is held once and briefly, as a thread the OS deschedules while
+    /// holding it holds up the loop.
+    pub fn read_and_judge<'a>(
+        &self,
+        table: &VersionTable,
+        reads: &Reads,
+        now_ms: u64,
+        batch: impl IntoIterator<Item = &'a Checked>,
+        runs_hold: bool,
+    ) -> Result<(u64, Vec<Option<Verdict>>)> {
+        let got = Self::fetch(table, reads, now_ms)?;
+        let mut state = self.state.lock();
+        if state.generation != reads.generation {
+            return Ok((state.generation, Vec::new()));
+        }
+        state.bound_reads();
+        let verdicts = batch
+            .into_iter()
+            .map(|c| {
+                let verdict = state.judge(c, runs_hold, &got);
+                if verdict.is_none() {
+                    state.keep(c, &got);
+                }
+                verdict
+            })
+            .collect();
+        Ok((state.generation, verdicts))
+    }
+
+    fn fetch<'r>(table: &VersionTable, reads: &'r Reads, now_ms: u64) -> Result<Got<'r>> {
+        let mut got = Got::default();
+        if !reads.versions.is_empty() {
+            let names: Vec<&[u8]> = reads.versions.iter().map(|n| &n[..]).collect();
+            got.versions = names.iter().copied().zip(table.get_many(&names)?).collect();
+        }
+        if !reads.ids.is_empty() {
+            let ids: Vec<&[u8]> = reads.ids.iter().map(|n| &n[..]).collect();
+            got.ids = ids.iter().copied().zip(table.is_seen_many(&ids, now_ms)?).collect();
+        }
+        Ok(got)
     }
 
     /// What `check` would answer for each of `batch` now, from memory and
@@ -399,7 +470,7 @@ impl Guard {
         runs_hold: bool,
     ) -> (u64, Vec<Option<Verdict>>) {
         let mut state = self.state.lock();
-        let verdicts = batch.into_iter().map(|c| state.judge(c, runs_hold)).collect();
+        let verdicts = batch.into_iter().map(|c| state.judge(c, runs_hold, &Got::default())).collect();
         (state.generation, verdicts)
     }
 
@@ -658,6 +729,26 @@ mod tests {
         assert_eq!(g.generation(), generation);
         g.forget();
         assert_eq!(g.generation(), generation + 1);
+    }
+
+    #[test]
+    fn read_and_judge_keeps_only_the_answers_left_to_check() {
+        let f = fixture();
+        let (t, g) = (&f.table, &f.guard);
+        t.check_and_set(b"a", 5).unwrap();
+        let batch = [msg(b"a", 5, None), msg(b"b", 1, None), msg(b"c", 1, Some(b"new"))];
+        let reads = g.plan(&batch);
+        let (generation, verdicts) = g.read_and_judge(t, &reads, 1, &batch, true).unwrap();
+        use Verdict::*;
+        assert_eq!(verdicts, [Some(Stale), Some(Run), None]);
+        assert_eq!(g.read_counts(), (1, 1), "only c's answers are kept");
+        assert_eq!(g.check(t, &batch[2], || 1).unwrap(), Run);
+        assert_eq!((g.looked_up_in_place(), g.read_counts()), (0, (0, 0)));
+        // Planned before a forget: nothing judged, nothing kept.
+        let reads = g.plan([&msg(b"d", 1, None)]);
+        g.forget();
+        let (after, verdicts) = g.read_and_judge(t, &reads, 1, [&msg(b"d", 1, None)], true).unwrap();
+        assert_eq!((after, verdicts.len(), g.read_counts()), (generation + 1, 0, (0, 0)));
     }
 
     #[test]

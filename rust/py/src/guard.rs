@@ -42,6 +42,16 @@ pub(crate) struct GuardCore {
     one_per_key: bool,
 }
 
+/// Leaves each verdict given in its ticket (`tickets` are all prepared,
+/// in the order judged), for `check` to take.
+fn set_verdicts(tickets: &[&Ticket], generation: u64, verdicts: Vec<Option<Verdict>>) {
+    for (ticket, verdict) in tickets.iter().zip(verdicts) {
+        if let Some(verdict) = verdict {
+            ticket.set_verdict(generation, verdict);
+        }
+    }
+}
+
 fn code(verdict: Verdict) -> u8 {
     match verdict {
         Verdict::Run => RUN,
@@ -87,7 +97,11 @@ fn prepare_one(
 /// `f(item)`, or the `Exception` it raised described as `"{name} failed:
 /// {exc!r}"`. Anything else raised (a cancellation, KeyboardInterrupt)
 /// goes up.
-fn called<'py>(f: &Bound<'py, PyAny>, item: &Bound<'py, PyAny>, name: &str) -> PyResult<Result<Bound<'py, PyAny>, String>> {
+fn called<'py>(
+    f: &Bound<'py, PyAny>,
+    item: &Bound<'py, PyAny>,
+    name: &str,
+) -> PyResult<Result<Bound<'py, PyAny>, String>> {
     match f.call1((item,)) {
         Ok(v) => Ok(Ok(v)),
         Err(e) if e.is_instance_of::<PyException>(f.py()) => {
@@ -141,11 +155,7 @@ impl GuardCore {
     fn judge(&self, tickets: &[&Ticket]) {
         let checked = tickets.iter().filter_map(|t| t.checked.get().and_then(|c| c.as_ref().ok()));
         let (generation, verdicts) = self.guard.judge(checked, self.one_per_key);
-        for (ticket, verdict) in tickets.iter().zip(verdicts) {
-            if let Some(verdict) = verdict {
-                ticket.set_verdict(generation, verdict);
-            }
-        }
+        set_verdicts(tickets, generation, verdicts);
     }
 
     fn prepared<'a>(&self, ticket: &'a Bound<'_, PyAny>) -> Result<Option<&'a Result<Checked, String>>> {
@@ -207,11 +217,14 @@ impl GuardCore {
         let now = table.now_ms(py)?;
         let core = table.open()?;
         let reads = reads.get();
-        Ok(py.detach(|| {
-            self.guard.read(&core, &reads.reads, now)?;
-            self.judge(&reads.tickets.iter().map(|t| t.get()).collect::<Vec<_>>());
-            Ok::<_, keylane_core::Error>(())
-        })?)
+        py.detach(|| {
+            let tickets: Vec<&Ticket> = reads.tickets.iter().map(|t| t.get()).collect();
+            let checked = tickets.iter().filter_map(|t| t.checked.get().and_then(|c| c.as_ref().ok()));
+            let (generation, verdicts) =
+                self.guard.read_and_judge(&core, &reads.reads, now, checked, self.one_per_key)?;
+            set_verdicts(&tickets, generation, verdicts);
+            Ok(())
+        })
     }
 
     /// 0 run, 1 stale, 2 duplicate, 3 poison (see ``problem``), 4 not
