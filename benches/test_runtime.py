@@ -190,31 +190,3 @@ def test_repartition_hold_cost(perf: Perf) -> None:
     rounds.report(perf, group)
     perf.figure(group, "throughput hold/off", rounds.ratio("hold", "off"))
     assert all(s["repartition_held"] == 0 for s in rounds.stats["hold"])
-
-
-def test_journal_in_the_runtime(perf: Perf, tmp_path: pathlib.Path) -> None:
-    """Issue #13: what the version table's journal buys on the product
-    path. The same App run (versions=, no-op handler, 400,000 messages over
-    200,000 keys, a fresh durable table each round) with the journal on
-    (default) and with it off in effect (``journal_entries=1``: every commit
-    folds, i.e. updates the B-tree in place); throughput and p99 handler
-    start latency (fetched -> handler start), alternating rounds."""
-
-    def table(name: str, **options: int) -> Callable[[int], AbstractContextManager[dict[str, Any]]]:
-        @contextlib.contextmanager
-        def setup(r: int) -> Iterator[dict[str, Any]]:
-            with keylane.VersionTable(tmp_path / f"{name}-{r}", **options) as t:
-                yield {"versions": t}
-
-        return setup
-
-    rounds = alternate_rounds(
-        Workload(messages=400_000, keys=200_000),
-        {"journal": table("journal"), "no journal": table("flat", journal_entries=1)},
-    )
-    group = "journal in the runtime"
-    rounds.report(perf, group)
-    for name, stats in rounds.stats.items():
-        p99s = [float(s["dispatch_latency"]["p99"]) for s in stats]
-        perf.figure(group, f"{name} handler-start p99 ms", statistics.median(p99s) * 1e3)
-    perf.figure(group, "throughput journal/no journal", rounds.ratio("journal", "no journal"))
