@@ -6,11 +6,13 @@ fast. A handler that returns without ever suspending gains nothing from a
 second worker on the same thread, and every extra runnable worker is one
 more step in each scheduler batch, so the event loop is held longer for the
 service's other tasks. To tell the two apart at no cost, the handler's
-coroutine is started by hand (in the worker loop, inlined): if its first
-``send`` finishes it, it never suspended; otherwise the rest of it is driven
-by ``resume``, which hands each trap to Trio and each answer back, exactly
-as ``await`` would. (App.handler only accepts ``async def``, so a handler
-always returns a coroutine.)
+coroutine is started by hand (in the worker loop, inlined, with
+``_native.first_step``, which sends into it without the StopIteration a
+finished ``send`` raises): if that first step finishes it, it never
+suspended; otherwise the rest of it is driven by ``resume``, which hands
+each trap to Trio and each answer back, exactly as ``await`` would.
+(App.handler only accepts ``async def``, so a handler always returns a
+coroutine.)
 """
 
 from __future__ import annotations

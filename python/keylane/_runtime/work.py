@@ -11,7 +11,7 @@ import trio
 
 from keylane import _handler_call
 from keylane._guard import DUPLICATE, RUN, STALE, PoisonMessage
-from keylane._native import Ticket
+from keylane._native import Ticket, first_step
 from keylane._runtime.state import READ_AHEAD, State
 from keylane.message import Message
 from keylane.metrics import SAMPLE_EVERY
@@ -25,6 +25,8 @@ _SAMPLE_MASK = SAMPLE_EVERY - 1
 # The most the runtime's tasks run without letting the event loop look
 # around (timers, I/O, the service's other tasks), in seconds.
 _SLICE = 0.0005
+# first_step's answer for a handler that returned without suspending.
+_DONE = object()
 # Handlers count as suspending for this long after one did (seconds).
 _SUSPENDING_FOR = 0.1
 
@@ -197,7 +199,8 @@ class Working(State):
                 continue
             t = ready.popleft()
             msg = t.item
-            sampled = not (t.offset & _SAMPLE_MASK)
+            # The message's own int: the ticket's getter makes a new one.
+            sampled = not (msg.offset & _SAMPLE_MASK)
             if sampled:
                 queued_at = self.enqueued_at.pop((t.partition, t.offset), None)
             if t.attempt:
@@ -233,11 +236,8 @@ class Working(State):
                 # Started by hand to learn whether it suspends (see
                 # _handler_call): inlined, as it runs once per message.
                 coro = handler(msg)
-                try:
-                    trap = coro.send(None)  # type: ignore[attr-defined]
-                except StopIteration:
-                    pass
-                else:
+                trap = first_step(coro, _DONE)
+                if trap is not _DONE:
                     # It suspends: every ready message gets a worker while
                     # handlers do (and for _SUSPENDING_FOR after). Asked at
                     # every suspension, not the first only: a worker may

@@ -16,7 +16,8 @@ use pyo3::prelude::*;
 /// left alone. Only for objects that cannot be in a reference cycle: one
 /// that is would never be freed.
 #[pyfunction]
-// The crate's one unsafe block: no safe PyO3 API untracks an object.
+// One of the crate's two unsafe places (coro.rs is the other): no safe PyO3
+// API untracks an object.
 #[allow(unsafe_code)]
 fn gc_untrack(obj: &Bound<'_, PyAny>) {
     let ptr = obj.as_ptr();

@@ -2,6 +2,7 @@
 //! group of functions has its own file; this one only assembles the module.
 
 mod args;
+mod coro;
 mod dispatcher;
 mod errors;
 mod gc;
@@ -28,6 +29,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     version_table::register(m)?;
     version_batch::register(m)?;
     gc::register(m)?;
+    coro::register(m)?;
     guard::register(m)?;
     Ok(())
 }
