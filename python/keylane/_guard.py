@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import trio
 
@@ -112,14 +112,14 @@ class Guard:
         self.full = trio.Event()
         self._reader = trio.CapacityLimiter(1)
 
-    def prepare(self, tickets: Sequence[Ticket]) -> GuardReads | None:
+    def prepare(self, tickets: list[Ticket]) -> GuardReads | None:
         """Takes each ticket's version and id into the native guard
         (``version_of``/``id_of`` run once per message, called from there);
         returns what it must read from the table before their checks, or
         None. A message they fail on (or answer unusably) is poison."""
-        return self.core.prepare(list(tickets), self.version_of, self.id_of)
+        return self.core.prepare(tickets, self.version_of, self.id_of)
 
-    async def prefetch(self, tickets: Sequence[Ticket]) -> None:
+    async def prefetch(self, tickets: list[Ticket]) -> None:
         """``prepare``, then the table reads it asks for in one worker-thread
         hop. What is not read ahead is still looked up in place."""
         reads = self.prepare(tickets)

@@ -233,14 +233,23 @@ impl State {
         if let Some((name, _)) = &c.version
             && let Some(&version) = got.versions.get(&name[..])
         {
-            let known = self.read_versions.entry(Arc::clone(name)).or_insert(None);
-            *known = (*known).max(version);
+            self.keep_version(name, version);
         }
         if let Some(id) = &c.id
             && let Some(&seen) = got.ids.get(&id[..])
         {
-            *self.read_ids.entry(Arc::clone(id)).or_insert(false) |= seen;
+            self.keep_seen(id, seen);
         }
+    }
+
+    /// Merged with what is kept: answers only rise.
+    fn keep_version(&mut self, name: &Name, version: Option<u64>) {
+        let known = self.read_versions.entry(Arc::clone(name)).or_insert(None);
+        *known = (*known).max(version);
+    }
+
+    fn keep_seen(&mut self, id: &Name, seen: bool) {
+        *self.read_ids.entry(Arc::clone(id)).or_insert(false) |= seen;
     }
 
     /// Answers read ahead and never used (their messages were revoked)
@@ -389,7 +398,9 @@ impl Guard {
     }
 
     /// Reads what `plan` asked for (blocks while a write holds the table)
-    /// and keeps the answers for `check`. `now_ms` dates the ids' expiry.
+    /// and keeps every answer for `check`; `now_ms` dates the ids' expiry.
+    /// (The runtime uses `read_and_judge`, which keeps only the answers no
+    /// verdict used.)
     pub fn read(&self, table: &VersionTable, reads: &Reads, now_ms: u64) -> Result<()> {
         let got = Self::fetch(table, reads, now_ms)?;
         let mut state = self.state.lock();
@@ -400,12 +411,10 @@ impl Guard {
         }
         state.bound_reads();
         for name in &reads.versions {
-            let version = got.versions[&name[..]];
-            let known = state.read_versions.entry(Arc::clone(name)).or_insert(None);
-            *known = (*known).max(version);
+            state.keep_version(name, got.versions[&name[..]]);
         }
         for id in &reads.ids {
-            *state.read_ids.entry(Arc::clone(id)).or_insert(false) |= got.ids[&id[..]];
+            state.keep_seen(id, got.ids[&id[..]]);
         }
         Ok(())
     }
