@@ -633,3 +633,87 @@ fn dropped_messages_hold_the_watermark_across_completion_blocks() {
     complete_all(&d, again);
     assert_eq!(d.committable(), vec![(0, 101)]);
 }
+
+#[test]
+fn a_drop_in_the_middle_of_a_block_separates_old_messages_from_new() {
+    // Entries find their generation in their completion block: a drop seals
+    // the block, so messages pushed after it land in a new one. Old ones
+    // come back discarded, new ones are handed out, retry counts survive,
+    // and the watermark runs across the sealed block.
+    let d: Dispatcher<Item> = make(Ordering::Key, 1_000, 1_000);
+    for o in 0..10 {
+        push(&d, Some("a"), 0, o);
+    }
+    let first = pop(&d, 10);
+    assert_eq!(offsets(&first), vec![0]);
+    assert_eq!(d.drop_queued(&[0]).count, 9);
+    for o in 10..13 {
+        push(&d, Some("b"), 0, o);
+    }
+    complete_all(&d, first);
+    let popped = d.pop_ready(100);
+    assert_eq!(popped.discarded.len(), 9, "a@1..9 were dropped");
+    assert_eq!(offsets(&popped.tickets), vec![10]);
+    let mut t = popped.tickets.into_iter().next().unwrap();
+    for attempt in 0..3 {
+        assert_eq!(t.receipt.attempt(), attempt);
+        assert!(matches!(d.retry(t.receipt, t.item).unwrap(), Retried::Requeued));
+        t = pop(&d, 10).into_iter().next().unwrap();
+        assert_eq!(t.item.2, 10);
+    }
+    assert_eq!(t.receipt.attempt(), 3);
+    complete_all(&d, vec![t]);
+    let rest = pop(&d, 10);
+    assert_eq!(offsets(&rest), vec![11]);
+    assert_eq!(rest[0].receipt.attempt(), 0, "a retry count belongs to its slot only");
+    complete_all(&d, rest);
+    complete_all(&d, pop(&d, 10));
+    // Offsets 1..9 were dropped: they hold the watermark at 1.
+    assert_eq!(d.committable(), vec![(0, 1)]);
+    d.revoke(&[0]);
+    push(&d, Some("c"), 0, 50);
+    complete_all(&d, pop(&d, 10));
+    assert_eq!(d.committable(), vec![(0, 51)]);
+    assert_eq!(d.free_capacity(), 1_000);
+}
+
+#[test]
+fn retry_counts_of_one_block_set_from_many_threads_stay_apart() {
+    // The first retry in a block installs its array of retry counts; racing
+    // installers must agree on one, and each slot keeps its own count.
+    use std::sync::Arc;
+    let d: Arc<Dispatcher<Item>> = Arc::new(make(Ordering::Key, 1_000, 1_000));
+    for o in 0..200 {
+        push(&*d, Some(&format!("k{o}")), 0, o);
+    }
+    let tickets = pop(&*d, 200);
+    let mut halves: [Vec<_>; 2] = [Vec::new(), Vec::new()];
+    for (i, t) in tickets.into_iter().enumerate() {
+        halves[i % 2].push(t);
+    }
+    let threads: Vec<_> = halves
+        .into_iter()
+        .map(|half| {
+            let d = Arc::clone(&d);
+            std::thread::spawn(move || {
+                for t in half {
+                    d.retry(t.receipt, t.item).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let again = pop(&*d, 200);
+    assert_eq!(again.len(), 200);
+    assert!(again.iter().all(|t| t.receipt.attempt() == 1));
+    let twice: Vec<_> = again.into_iter().filter(|t| t.item.2 % 3 == 0).collect();
+    let n = twice.len();
+    for t in twice {
+        d.retry(t.receipt, t.item).unwrap();
+    }
+    let last = pop(&*d, 200);
+    assert_eq!(last.len(), n);
+    assert!(last.iter().all(|t| t.receipt.attempt() == 2 && t.item.2 % 3 == 0));
+}

@@ -168,7 +168,7 @@ fn watermark_never_moves_back_nor_passes_an_unfinished_offset() {
         let owner = std::ptr::null::<()>();
         let done: Arc<[AtomicBool; 3]> = Arc::new(std::array::from_fn(|_| AtomicBool::new(false)));
         // SAFETY (append): this thread is the only feeder.
-        let first = unsafe { [w.append(10, owner), w.append(11, owner)] };
+        let first = unsafe { [w.append(10, owner, 0), w.append(11, owner, 0)] };
         let slots = Arc::new(Mutex::new(Vec::<Slot>::new()));
         let complete = |i: usize, slot: Slot, done: &[AtomicBool; 3]| {
             done[i].store(true, Relaxed);
@@ -184,7 +184,7 @@ fn watermark_never_moves_back_nor_passes_an_unfinished_offset() {
             let (w, slots) = (Arc::clone(&w), Arc::clone(&slots));
             thread::spawn(move || {
                 // SAFETY: the only feeder now (the main thread is done appending).
-                let s = unsafe { w.append(13, std::ptr::null()) };
+                let s = unsafe { w.append(13, std::ptr::null(), 0) };
                 slots.lock().unwrap().push(s);
             })
         };
@@ -237,7 +237,7 @@ fn a_dropped_slot_holds_the_watermark_while_blocks_are_unlinked() {
         let w = Arc::new(Window::new());
         let owner = std::ptr::null::<()>();
         // SAFETY (append): this thread is the only feeder.
-        let s = unsafe { [w.append(10, owner), w.append(11, owner), w.append(12, owner)] };
+        let s = unsafe { [w.append(10, owner, 0), w.append(11, owner, 0), w.append(12, owner, 0)] };
         let t = {
             let w = Arc::clone(&w);
             thread::spawn(move || {
@@ -255,5 +255,72 @@ fn a_dropped_slot_holds_the_watermark_while_blocks_are_unlinked() {
         t.join().unwrap();
         // SAFETY: this model never frees a block.
         assert_eq!(unsafe { w.watermark() }, Some(10));
+    });
+}
+
+/// Two threads retry messages of one block at once: the first retry of a
+/// block installs its array of retry counts. Whichever install wins, both
+/// counts land in it, each in its own slot (the loser's array is freed).
+#[test]
+fn racing_first_retries_of_a_block_keep_both_counts() {
+    model(|| {
+        let w = Window::new();
+        // SAFETY (append): this thread is the only feeder.
+        let s = unsafe { [w.append(10, std::ptr::null(), 0), w.append(11, std::ptr::null(), 0)] };
+        let t = thread::spawn(move || {
+            // SAFETY: this thread holds slot 1.
+            unsafe { s[1].set_attempt(2) };
+        });
+        // SAFETY: this thread holds slot 0.
+        unsafe { s[0].set_attempt(1) };
+        t.join().unwrap();
+        // SAFETY: both slots are unresolved; the join orders the reads.
+        assert_eq!(unsafe { (s[0].attempt(), s[1].attempt()) }, (1, 2));
+    });
+}
+
+/// A drop seals the tail block while a reader asks for the watermark: the
+/// sealed slots (done, carrying the last offset) never move it past an
+/// unfinished offset, and the next append starts a block of the new
+/// generation.
+#[test]
+fn sealing_a_block_changes_no_watermark() {
+    model(|| {
+        let w = Arc::new(Window::new());
+        // SAFETY (append): this thread is the only feeder. Under loom a block
+        // has two slots; three appends leave the second block half full.
+        let s = unsafe {
+            [
+                w.append(10, std::ptr::null(), 0),
+                w.append(11, std::ptr::null(), 0),
+                w.append(12, std::ptr::null(), 0),
+            ]
+        };
+        // SAFETY: each slot is resolved once.
+        unsafe { s[0].resolve(true) };
+        let reader = {
+            let w = Arc::clone(&w);
+            thread::spawn(move || {
+                // SAFETY: this model never frees a block.
+                let mark = unsafe { w.watermark() };
+                assert_eq!(mark, Some(11), "11 and 12 are not done");
+            })
+        };
+        // SAFETY: the only feeder.
+        unsafe { w.seal() };
+        reader.join().unwrap();
+        // SAFETY: as above.
+        let next = unsafe { w.append(20, std::ptr::null(), 1) };
+        // SAFETY: unresolved slots.
+        unsafe {
+            assert_eq!(next.generation(), 1);
+            assert_eq!(s[2].generation(), 0);
+            s[1].resolve(true);
+            assert_eq!(w.watermark(), Some(12));
+            s[2].resolve(true);
+            assert_eq!(w.watermark(), Some(20));
+            next.resolve(true);
+            assert_eq!(w.watermark(), Some(21));
+        }
     });
 }

@@ -29,7 +29,7 @@ use crossbeam_queue::SegQueue;
 use super::lane::{Lane, Pushed, Released};
 use super::lanes::Lanes;
 use super::partition::Partition;
-use super::window::{BLOCK, Block, Slot, Window};
+use super::window::{Block, Slot, Window};
 use super::{
     Accepted, Config, Counters, Dispatch, LaneHasher, LaneKey, Popped, Prepared, ReceiptInfo, Retried,
     Revoked, Stats, Ticket, distinct_sorted,
@@ -39,34 +39,38 @@ use crate::{Error, Result};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A queued message: 32 bytes besides the caller's item size (16 in the
-/// Python binding), so a node in a lane's inbox is 40.
+/// A queued message: its item and its slot, packed into one word (the
+/// slot's block holds the generation and any retry count), so with the
+/// binding's 16-byte item a node in a lane's inbox is 32 bytes, a size
+/// class of its own in the allocator.
 struct Entry<T> {
     item: T,
-    block: *const Block,
-    /// Generation (low 24 bits) << 8 | slot index in its block.
-    tag: u32,
-    attempt: u32,
+    slot: *const Block,
 }
 
-const _: () = assert!(BLOCK <= 256, "a slot index is stored in 8 bits");
-
 impl<T> Entry<T> {
-    fn new(item: T, slot: Slot, generation: u32, attempt: u32) -> Self {
-        Entry { item, block: slot.block, tag: (generation << 8) | slot.index, attempt }
+    fn new(item: T, slot: Slot) -> Self {
+        Entry { item, slot: slot.pack() }
     }
 
     fn slot(&self) -> Slot {
-        Slot { block: self.block, index: self.tag & 0xff }
+        // SAFETY: packed by `new`.
+        unsafe { Slot::unpack(self.slot) }
     }
 
     fn generation(&self) -> u32 {
-        self.tag >> 8
+        // SAFETY: a queued entry's slot is unresolved, so its block is alive.
+        unsafe { self.slot().generation() }
+    }
+
+    fn attempt(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { self.slot().attempt() }
     }
 
     fn part(&self) -> &Partition {
-        // SAFETY: a queued entry's slot is unresolved, so its block is alive,
-        // and its owner is a partition, which lives as long as the dispatcher.
+        // SAFETY: as above, and its owner is a partition, which lives as
+        // long as the dispatcher.
         unsafe { &*self.slot().owner().cast::<Partition>() }
     }
 }
@@ -226,8 +230,8 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             let part = &parts[j];
             let owner: *const Partition = Arc::as_ptr(part);
             // SAFETY: the claim is held.
-            let slot = unsafe { part.window.append(p.offset, owner.cast()) };
-            let entry = Entry::new(p.item, slot, generations[j], 0);
+            let slot = unsafe { part.window.append(p.offset, owner.cast(), generations[j]) };
+            let entry = Entry::new(p.item, slot);
             match p.lane {
                 LaneKey::Solo => self.solo.push(entry),
                 LaneKey::Lane(id) => self.push_to_lane(id, entry, &mut scheduled, &guard),
@@ -377,7 +381,9 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
             return Ok(Retried::Stale(item));
         }
         self.counters.queued.fetch_add(1, Relaxed);
-        let entry = Entry::new(item, r.slot, r.generation, r.attempt.saturating_add(1));
+        // SAFETY: the receipt's slot is unresolved and held by this call.
+        unsafe { r.slot.set_attempt(r.attempt.saturating_add(1)) };
+        let entry = Entry::new(item, r.slot);
         match r.lane {
             Some(lane) => {
                 // SAFETY: the receipt carried the lane's token; it goes back
@@ -626,7 +632,7 @@ impl<T: Send> Dispatcher<T> {
                 offset: unsafe { e.slot().offset() },
                 epoch,
                 generation: e.generation(),
-                attempt: e.attempt,
+                attempt: e.attempt(),
             };
             out.tickets.push(Ticket { item: e.item, receipt });
             return Took::Ticket;

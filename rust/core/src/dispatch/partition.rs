@@ -131,6 +131,9 @@ impl Partition {
                 Some(generation << COUNT_BITS)
             })
             .expect("the update always applies");
+        // SAFETY: the claim is held. Entries find their generation in their
+        // block: the next push starts a block of the new one.
+        unsafe { self.window.seal() };
         if forget {
             // After the generation: a pop reads the epoch before it takes an
             // entry, so an entry taken before the drop gets the old epoch and

@@ -22,6 +22,13 @@
 //!   crossbeam-epoch in the dispatcher: scanners may still be reading it).
 //!   Until then the block is alive, so holders of unresolved slots (queued
 //!   entries, receipts) never need a reference count.
+//! - A block belongs to one generation of its partition (see
+//!   `partition.rs`): when a drop bumps the generation, `seal` closes the
+//!   tail block, so a queued entry finds its generation in its block and
+//!   carries only the slot's address. The sealed slots are filled with the
+//!   last offset and marked done and resolved, which changes no watermark.
+//! - A slot's retry count lives in a per-block array allocated by the first
+//!   retry in the block: fresh messages, nearly all of them, pay nothing.
 #![allow(unsafe_code)]
 
 use std::ptr;
@@ -30,7 +37,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::sync::AtomicPtr;
 use crate::sync::Ordering::{AcqRel, Acquire, Relaxed, Release};
-use crate::sync::{AtomicI64, AtomicU64, AtomicUsize, UnsafeCell};
+use crate::sync::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, UnsafeCell};
 
 /// Slots per block (small under loom, so models cross block boundaries).
 #[cfg(not(loom))]
@@ -43,28 +50,41 @@ const DONE: u64 = 1;
 const RESOLVED: u64 = 2;
 const BOTH: u64 = DONE | RESOLVED;
 
+/// Retry counts of a block's slots.
+type Attempts = [AtomicU32; BLOCK];
+
 /// Laid out so the feeder's per-message writes (`filled`, `offsets`), the
-/// completers' (`bits`) and what poppers read (`owner`) sit on different
-/// cache lines.
+/// completers' (`bits`) and what poppers read (`owner`, `generation`,
+/// `attempts`) sit on different cache lines. Aligned so a slot packs into
+/// one word: the block's address with the slot index in its low bits.
 #[derive(Debug)]
-#[repr(C)]
+#[repr(C, align(256))]
 pub struct Block {
     /// What the slots belong to (the dispatcher's partition); opaque here.
     owner: *const (),
     /// Sequence number of slot 0.
     base: u64,
     next: AtomicPtr<Block>,
+    /// The owner's generation every slot was filled in.
+    generation: u32,
+    /// Null until a slot of the block is retried.
+    attempts: AtomicPtr<Attempts>,
     filled: CachePadded<AtomicUsize>,
     offsets: [AtomicI64; BLOCK],
     bits: CachePadded<[AtomicU64; WORDS]>,
 }
 
+const INDEX_MASK: usize = BLOCK - 1;
+const _: () = assert!(BLOCK.is_power_of_two() && BLOCK <= std::mem::align_of::<Block>());
+
 impl Block {
-    fn new(owner: *const (), base: u64) -> *mut Block {
+    fn new(owner: *const (), base: u64, generation: u32) -> *mut Block {
         Box::into_raw(Box::new(Block {
             owner,
             base,
             next: AtomicPtr::new(ptr::null_mut()),
+            generation,
+            attempts: AtomicPtr::new(ptr::null_mut()),
             filled: CachePadded::new(AtomicUsize::new(0)),
             offsets: std::array::from_fn(|_| AtomicI64::new(0)),
             bits: CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0))),
@@ -89,6 +109,16 @@ impl Block {
             let want = (slot_bits(slots) & RESOLVED_BITS) | done;
             word.load(Acquire) & want == want
         })
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        let attempts = self.attempts.load(Relaxed);
+        if !attempts.is_null() {
+            // SAFETY: installed by `set_attempt`, owned by the block.
+            drop(unsafe { Box::from_raw(attempts) });
+        }
     }
 }
 
@@ -132,6 +162,65 @@ impl Slot {
     pub unsafe fn owner(self) -> *const () {
         // SAFETY: an unresolved slot's block is alive.
         unsafe { (*self.block).owner }
+    }
+
+    /// The `generation` given to `append`.
+    ///
+    /// # Safety
+    /// The slot is unresolved and held by the caller.
+    pub unsafe fn generation(self) -> u32 {
+        // SAFETY: an unresolved slot's block is alive.
+        unsafe { (*self.block).generation }
+    }
+
+    /// Times the message was retried (0 until `set_attempt`).
+    ///
+    /// # Safety
+    /// The slot is unresolved and held by the caller.
+    pub unsafe fn attempt(self) -> u32 {
+        // SAFETY: an unresolved slot's block is alive.
+        let attempts = unsafe { (*self.block).attempts.load(Acquire) };
+        if attempts.is_null() {
+            return 0;
+        }
+        // SAFETY: installed once, freed with the block.
+        unsafe { (*attempts)[self.index as usize].load(Relaxed) }
+    }
+
+    /// Records the retry count; whoever next holds the slot reads it after
+    /// taking it through the queue the message went back to, which orders
+    /// the two.
+    ///
+    /// # Safety
+    /// The slot is unresolved and held by the caller.
+    pub unsafe fn set_attempt(self, attempt: u32) {
+        // SAFETY: an unresolved slot's block is alive.
+        let block = unsafe { &*self.block };
+        let mut attempts = block.attempts.load(Acquire);
+        if attempts.is_null() {
+            let fresh = Box::into_raw(Box::new(std::array::from_fn::<_, BLOCK, _>(|_| AtomicU32::new(0))));
+            attempts = match block.attempts.compare_exchange(ptr::null_mut(), fresh, AcqRel, Acquire) {
+                Ok(_) => fresh,
+                Err(installed) => {
+                    // SAFETY: `fresh` was never published.
+                    drop(unsafe { Box::from_raw(fresh) });
+                    installed
+                }
+            };
+        }
+        // SAFETY: installed once, freed with the block.
+        unsafe { (*attempts)[self.index as usize].store(attempt, Relaxed) };
+    }
+
+    /// The slot as one word (see `Block`).
+    pub fn pack(self) -> *const Block {
+        self.block.map_addr(|a| a | self.index as usize)
+    }
+
+    /// # Safety
+    /// `packed` came from `pack`.
+    pub unsafe fn unpack(packed: *const Block) -> Slot {
+        Slot { block: packed.map_addr(|a| a & !INDEX_MASK), index: (packed.addr() & INDEX_MASK) as u32 }
     }
 
     /// # Safety
@@ -189,23 +278,25 @@ impl Window {
     }
 
     /// Appends `offset` (already checked to be above `last_pushed`); its
-    /// block records `owner` (the same on every call).
+    /// block records `owner` (the same on every call) and `generation`
+    /// (the same until `seal`).
     ///
     /// # Safety
     /// The caller holds the feeding claim.
-    pub unsafe fn append(&self, offset: i64, owner: *const ()) -> Slot {
+    pub unsafe fn append(&self, offset: i64, owner: *const (), generation: u32) -> Slot {
         // SAFETY: the claim holder is the only one touching `feed`; the tail
         // block is alive (it has no successor, so it is never unlinked).
         unsafe {
             self.feed.with_mut(|f| {
                 if f.tail.is_null() {
-                    f.tail = Block::new(owner, 0);
+                    f.tail = Block::new(owner, 0, generation);
                     self.head.store(f.tail, Release);
                 }
                 let mut tail = &*f.tail;
                 let mut n = tail.filled.load(Relaxed);
+                debug_assert!(n == BLOCK || tail.generation == generation, "a new generation without seal");
                 if n == BLOCK {
-                    let next = Block::new(owner, tail.base + BLOCK as u64);
+                    let next = Block::new(owner, tail.base + BLOCK as u64, generation);
                     tail.next.store(next, Release);
                     f.tail = next;
                     tail = &*next;
@@ -217,6 +308,46 @@ impl Window {
                 f.last = Some(offset);
                 Slot { block: tail, index: n as u32 }
             })
+        }
+    }
+
+    /// Closes the tail block, so the next `append` starts a new one (for a
+    /// new generation). Its unused slots get the last offset and are marked
+    /// done and resolved: a scan reads them as the slot before them again,
+    /// so no watermark changes, and the block can be unlinked as usual.
+    ///
+    /// # Safety
+    /// The caller holds the feeding claim.
+    pub unsafe fn seal(&self) {
+        // SAFETY: the claim holder is the only one touching `feed`; the tail
+        // is alive (see `append`).
+        unsafe {
+            self.feed.with_mut(|f| {
+                if f.tail.is_null() {
+                    return;
+                }
+                let tail = &*f.tail;
+                let n = tail.filled.load(Relaxed);
+                if n == BLOCK {
+                    return;
+                }
+                // A tail is created by the append that fills its first slot.
+                let last = tail.offsets[n - 1].load(Relaxed);
+                for slot in &tail.offsets[n..] {
+                    slot.store(last, Relaxed);
+                }
+                for (w, word) in tail.bits.iter().enumerate() {
+                    let first = w * PER_WORD;
+                    let slots = (BLOCK - first).min(PER_WORD);
+                    let used = n.saturating_sub(first).min(slots);
+                    let unused = slot_bits(slots) & !slot_bits(used);
+                    if unused != 0 {
+                        word.fetch_or(unused, Release);
+                    }
+                }
+                tail.filled.store(BLOCK, Release);
+                f.next_seq = tail.base + BLOCK as u64;
+            });
         }
     }
 
