@@ -115,13 +115,14 @@ class Guard:
     def prepare(self, tickets: list[Ticket]) -> GuardReads | None:
         """Takes each ticket's version and id into the native guard
         (``version_of``/``id_of`` run once per message, called from there);
-        returns what it must read from the table before their checks, or
-        None. A message they fail on (or answer unusably) is poison."""
+        returns the batch for ``core.read``, or None if no message of it can
+        be checked. A message they fail on (or answer unusably) is poison."""
         return self.core.prepare(tickets, self.version_of, self.id_of)
 
     async def prefetch(self, tickets: list[Ticket]) -> None:
-        """``prepare``, then the table reads it asks for in one worker-thread
-        hop. What is not read ahead is still looked up in place."""
+        """``prepare`` on the loop, then in one worker-thread hop the rest:
+        what memory does not answer is read from the table and the batch is
+        judged. What is not read ahead is still looked up in place."""
         reads = self.prepare(tickets)
         if reads is None:
             return

@@ -7,24 +7,31 @@
 //! (`applied`) and written to the table by `write`, one transaction per
 //! flush; until then it answers the checks itself.
 //!
-//! The table is read ahead of the handlers, a batch at a time (`read`, in a
-//! worker thread): a reader waits for the table's lock, which a writer holds
-//! through a whole commit, fold and fsync included. Nothing here that the
-//! event loop calls (`plan`, `check`, `applied`) touches the table unless an
-//! answer was not read ahead. The state's own mutex is only ever held for
-//! map operations, never across table I/O.
+//! The table is read ahead of the handlers, a batch at a time (`plan`, then
+//! `read_and_judge`, in a worker thread): a reader waits for the table's
+//! lock, which a writer holds through a whole commit, fold and fsync
+//! included. Nothing here that the event loop calls (`check`, `applied`)
+//! touches the table unless an answer was not read ahead. The state's own
+//! mutex is only ever held for map operations, never across table I/O.
+//!
+//! `applied` only appends to a log: the maps are updated from it by the
+//! next call that consults them (`settled`), which in the runtime is the
+//! reading or the writing thread, not the event loop. A key's next message
+//! is popped only after its previous one was logged (the runtime logs
+//! before it releases the key), and is planned and judged after that, so it
+//! is always judged against what its predecessor applied.
 //!
 //! Every answer here is a lower bound that only rises: a read that raced a
 //! write is merged with `max`, so it can never lower what a write raised.
 
 use std::sync::Arc;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 
 use foldhash::fast::RandomState;
 use hashbrown::{HashMap, HashSet};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use sha2::{Digest, Sha256};
 
 use crate::Result;
@@ -89,6 +96,10 @@ pub enum Verdict {
     Duplicate,
 }
 
+/// Applied checks logged between two `settled` calls, reserved for this
+/// many (so the log does not regrow on the event loop's thread).
+const RESERVED_LOG: usize = 1 << 14;
+
 /// A table entry name, shared (not copied) by the maps that hold it: a
 /// message's name goes into two or three of them.
 pub type Name = Arc<[u8]>;
@@ -128,6 +139,10 @@ impl Recorded {
         self.versions.is_empty() && self.ids.is_empty()
     }
 
+    fn len(&self) -> usize {
+        self.versions.len().max(self.ids.len())
+    }
+
     fn raise(&mut self, name: &Name, version: u64) {
         raise(&mut self.versions, name, version);
     }
@@ -163,6 +178,8 @@ struct State {
     known: Map<u64>,
     /// Bumped by `forget`: a read planned before it is not kept.
     generation: u64,
+    /// The log's other buffer: swapped with it to take what was logged.
+    log_spare: Vec<Checked>,
 }
 
 impl State {
@@ -346,6 +363,11 @@ pub struct Forgotten(#[allow(dead_code)] State);
 #[derive(Debug)]
 pub struct Guard {
     state: Mutex<State>,
+    /// Applied and not yet in `state` (see the module docs). Locked after
+    /// `state` when both are held.
+    log: Mutex<Vec<Checked>>,
+    /// `recorded` as of the last time the log was settled or written.
+    recorded_then: AtomicUsize,
     /// Checks that had to read the table themselves (nothing read ahead).
     in_place: AtomicU64,
     /// `State::generation`, readable without the lock.
@@ -355,8 +377,19 @@ pub struct Guard {
 impl Default for Guard {
     fn default() -> Self {
         let known = Map::with_capacity_and_hasher(KNOWN_BOUND, RandomState::default());
-        let state = State { known, recorded: Recorded::reserved(), ..State::default() };
-        Guard { state: Mutex::new(state), in_place: AtomicU64::new(0), generation: AtomicU64::new(0) }
+        let state = State {
+            known,
+            recorded: Recorded::reserved(),
+            log_spare: Vec::with_capacity(RESERVED_LOG),
+            ..State::default()
+        };
+        Guard {
+            state: Mutex::new(state),
+            log: Mutex::new(Vec::with_capacity(RESERVED_LOG)),
+            recorded_then: AtomicUsize::new(0),
+            in_place: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+        }
     }
 }
 
@@ -368,13 +401,29 @@ impl Guard {
     /// Everything the checks remember, taken out (the guard is left empty,
     /// nothing reserved), to be freed where the caller chooses.
     pub fn take_all(&mut self) -> Forgotten {
+        drop(self.settled());
+        self.recorded_then.store(0, Relaxed);
         Forgotten(std::mem::take(self.state.get_mut()))
+    }
+
+    /// The state, with what was logged taken into it.
+    fn settled(&self) -> MutexGuard<'_, State> {
+        let mut state = self.state.lock();
+        let mut logged = std::mem::take(&mut state.log_spare);
+        std::mem::swap(&mut *self.log.lock(), &mut logged);
+        for c in &logged {
+            state.applied(c);
+        }
+        logged.clear();
+        state.log_spare = logged;
+        self.recorded_then.store(state.recorded.len(), Relaxed);
+        state
     }
 
     /// What of `batch` must be read from the table before its checks: names
     /// neither applied here nor already read ahead.
     pub fn plan<'a>(&self, batch: impl IntoIterator<Item = &'a Checked>) -> Reads {
-        let state = self.state.lock();
+        let state = self.settled();
         let mut reads = Reads { generation: state.generation, ..Reads::default() };
         let mut versions: HashSet<&[u8], RandomState> = HashSet::default();
         let mut ids: HashSet<&[u8], RandomState> = HashSet::default();
@@ -403,7 +452,7 @@ impl Guard {
     /// verdict used.)
     pub fn read(&self, table: &VersionTable, reads: &Reads, now_ms: u64) -> Result<()> {
         let got = Self::fetch(table, reads, now_ms)?;
-        let mut state = self.state.lock();
+        let mut state = self.settled();
         if state.generation != reads.generation {
             // Read before an assignment changed: may predate another
             // member's writes.
@@ -433,7 +482,7 @@ impl Guard {
         runs_hold: bool,
     ) -> Result<(u64, Vec<Option<Verdict>>)> {
         let got = Self::fetch(table, reads, now_ms)?;
-        let mut state = self.state.lock();
+        let mut state = self.settled();
         if state.generation != reads.generation {
             return Ok((state.generation, Vec::new()));
         }
@@ -478,7 +527,7 @@ impl Guard {
         batch: impl IntoIterator<Item = &'a Checked>,
         runs_hold: bool,
     ) -> (u64, Vec<Option<Verdict>>) {
-        let mut state = self.state.lock();
+        let mut state = self.settled();
         let verdicts = batch.into_iter().map(|c| state.judge(c, runs_hold, &Got::default())).collect();
         (state.generation, verdicts)
     }
@@ -492,7 +541,7 @@ impl Guard {
     /// Whether the message may run. What was read ahead for it is used up;
     /// what was not is read in place (the only table access here).
     pub fn check(&self, table: &VersionTable, c: &Checked, now_ms: impl FnOnce() -> u64) -> Result<Verdict> {
-        let mut state = self.state.lock();
+        let mut state = self.settled();
         if let Some(id) = &c.id {
             if state.applied_id(id) {
                 return Ok(Verdict::Duplicate);
@@ -503,7 +552,7 @@ impl Guard {
                     drop(state);
                     self.in_place.fetch_add(1, Relaxed);
                     let seen = table.is_seen(id, now_ms())?;
-                    state = self.state.lock();
+                    state = self.settled();
                     seen
                 }
             };
@@ -526,20 +575,19 @@ impl Guard {
         Ok(if known.is_some_and(|k| *version <= k) { Verdict::Stale } else { Verdict::Run })
     }
 
-    /// Records what a handler applied; returns how many versions or ids are
-    /// now recorded and not yet being written (the caller flushes early past
-    /// a bound).
+    /// Records what a handler applied; returns about how many versions or
+    /// ids are recorded and not yet being written (at most that many; the
+    /// caller flushes early past a bound).
     pub fn applied(&self, c: &Checked) -> usize {
         self.applied_many([c])
     }
 
-    /// `applied` for several messages, under one lock.
+    /// `applied` for several messages: appended to the log, under its own
+    /// lock, which no thread holds for longer than a swap.
     pub fn applied_many<'a>(&self, batch: impl IntoIterator<Item = &'a Checked>) -> usize {
-        let mut state = self.state.lock();
-        for c in batch {
-            state.applied(c);
-        }
-        state.recorded.versions.len().max(state.recorded.ids.len())
+        let mut log = self.log.lock();
+        log.extend(batch.into_iter().cloned());
+        self.recorded_then.load(Relaxed) + log.len()
     }
 
     /// How many checks read the table themselves, nothing having been read
@@ -550,8 +598,7 @@ impl Guard {
 
     /// How many versions or ids are recorded and not yet being written.
     pub fn recorded(&self) -> usize {
-        let state = self.state.lock();
-        state.recorded.versions.len().max(state.recorded.ids.len())
+        self.settled().recorded.len()
     }
 
     /// Writes what is recorded, in one transaction per kind (versions, then
@@ -560,20 +607,24 @@ impl Guard {
     /// failure it is recorded again, to be written by the next call.
     pub fn write(&self, table: &VersionTable, ttl_ms: Option<u64>, now_ms: u64) -> Result<()> {
         let writing = {
-            let mut state = self.state.lock();
+            let mut state = self.settled();
             if state.recorded.is_empty() {
                 return Ok(());
             }
             let fresh = state.spare.take().unwrap_or_else(Recorded::reserved);
             let taken = Arc::new(std::mem::replace(&mut state.recorded, fresh));
             state.writing = Arc::clone(&taken);
+            self.recorded_then.store(0, Relaxed);
             taken
         };
         let result = Self::store(table, &writing, ttl_ms, now_ms);
         let mut state = self.state.lock();
         match &result {
             Ok(()) => state.written(&writing),
-            Err(_) => state.recorded.merge(&writing),
+            Err(_) => {
+                state.recorded.merge(&writing);
+                self.recorded_then.store(state.recorded.len(), Relaxed);
+            }
         }
         state.writing = Arc::default();
         let forgotten = (state.known.len() > KNOWN_BOUND).then(|| state.reset_known());
@@ -596,7 +647,7 @@ impl Guard {
     /// Returns what was forgotten: freeing 100,000s of names takes
     /// milliseconds, so the caller chooses where that happens.
     pub fn forget(&self) -> Forgotten {
-        let mut state = self.state.lock();
+        let mut state = self.settled();
         state.generation += 1;
         self.generation.store(state.generation, Relaxed);
         state.reset_known()
@@ -621,7 +672,7 @@ impl Guard {
             return Ok(());
         }
         Self::store(table, &one, ttl_ms, now_ms)?;
-        let mut state = self.state.lock();
+        let mut state = self.settled();
         if let Some((name, version)) = &c.version {
             raise(&mut state.known, name, *version);
         }
@@ -846,6 +897,27 @@ mod tests {
 
     fn g_reads(name: &[u8]) -> Reads {
         Reads { versions: vec![name.into()], ids: Vec::new(), generation: 0 }
+    }
+
+    #[test]
+    fn what_was_applied_answers_every_later_call_on_any_thread() {
+        let f = fixture();
+        let (t, g) = (&f.table, &f.guard);
+        // Logged only: the maps take it in at the next call that reads them.
+        assert_eq!(g.applied_many(&[msg(b"a", 3, None), msg(b"a", 5, None), msg(b"b", 1, None)]), 3);
+        assert_eq!(g.state.lock().known.len(), 0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(g.plan([&msg(b"a", 9, None)]).is_empty(), "known from the log");
+                let (_, verdicts) = g.judge([&msg(b"a", 5, None), &msg(b"b", 2, None)], true);
+                assert_eq!(verdicts, [Some(Verdict::Stale), Some(Verdict::Run)]);
+            });
+        });
+        assert_eq!(g.recorded(), 2, "a and b, a at its newest");
+        assert_eq!(g.applied(&msg(b"c", 1, None)), 3, "at most: the last settled count plus the log");
+        g.write(t, None, 1).unwrap();
+        assert_eq!((t.get(b"a").unwrap(), t.get(b"c").unwrap()), (Some(5), Some(1)));
+        assert_eq!(g.recorded(), 0);
     }
 
     #[test]

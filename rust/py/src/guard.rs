@@ -1,10 +1,11 @@
 //! `keylane._native.GuardCore`: the memory of an App's stale-version and
 //! duplicate-id checks (keylane-core's `guard`), driven by
 //! `keylane._guard.Guard`. A batch is prepared on the event loop's thread
-//! (names and versions taken from the tickets once), read ahead in a worker
-//! thread, then each ticket is checked and recorded with one call.
+//! (names and versions taken from the tickets once), planned, read and
+//! judged in a worker thread, then each ticket is checked and recorded with
+//! one call.
 
-use keylane_core::guard::{Checked, Guard, Reads, Verdict};
+use keylane_core::guard::{Checked, Guard, Verdict};
 use keylane_core::versions::MAX_VERSION;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -25,10 +26,9 @@ const POISON: u8 = 3;
 /// The ticket was not prepared (`prepare` it, then check again).
 const UNPREPARED: u8 = 4;
 
-/// What `prepare` found must be read from the table; give it to `read`.
+/// A prepared batch; give it to `read`.
 #[pyclass(module = "keylane._native", frozen, name = "GuardReads")]
 pub(crate) struct GuardReads {
-    reads: Reads,
     /// The batch's prepared tickets, judged once the reads are in.
     tickets: Vec<Py<Ticket>>,
 }
@@ -150,14 +150,6 @@ fn parse_id(obj: &Bound<'_, PyAny>) -> Result<Option<Vec<u8>>, String> {
 }
 
 impl GuardCore {
-    /// Judges a prepared batch (`Guard::judge`) and leaves each verdict
-    /// given in its ticket, for `check` to take.
-    fn judge(&self, tickets: &[&Ticket]) {
-        let checked = tickets.iter().filter_map(|t| t.checked.get().and_then(|c| c.as_ref().ok()));
-        let (generation, verdicts) = self.guard.judge(checked, self.one_per_key);
-        set_verdicts(tickets, generation, verdicts);
-    }
-
     fn prepared<'a>(&self, ticket: &'a Bound<'_, PyAny>) -> Result<Option<&'a Result<Checked, String>>> {
         Ok(Ticket::cast(ticket)?.get().checked.get())
     }
@@ -173,8 +165,8 @@ impl GuardCore {
 
     /// Takes each ticket's key, version (``version_of(item)``; none for a
     /// keyless message) and id (``id_of(item)``), once, calling them here;
-    /// returns what must be read from the table before their checks, or
-    /// None. A ticket prepared before keeps what it had. What either
+    /// returns the batch to ``read``, or None if no ticket of it can be
+    /// checked. A ticket prepared before keeps what it had. What either
     /// raises (an ``Exception``) or returns that cannot be used makes the
     /// ticket poison (``problem`` says why); anything else raised goes up.
     #[pyo3(signature = (tickets, version_of = None, id_of = None))]
@@ -184,34 +176,26 @@ impl GuardCore {
         version_of: Option<&Bound<'_, PyAny>>,
         id_of: Option<&Bound<'_, PyAny>>,
     ) -> Result<Option<GuardReads>> {
-        let held: Vec<Bound<'_, PyAny>> = tickets.iter().collect();
-        let mut batch = Vec::with_capacity(held.len());
-        let mut prepared = Vec::with_capacity(held.len());
-        for obj in &held {
-            let bound = Ticket::cast(obj)?;
+        let mut prepared = Vec::with_capacity(tickets.len());
+        for obj in tickets.iter() {
+            let bound = Ticket::cast(&obj)?;
             let ticket = bound.get();
             if ticket.checked.get().is_none() {
                 let checked = prepare_one(ticket, bound.py(), version_of, id_of)?;
                 // Only this thread (holding the GIL) sets it.
                 let _ = ticket.checked.set(checked);
             }
-            if let Some(Ok(c)) = ticket.checked.get() {
-                batch.push(c);
-                prepared.push(bound);
+            if let Some(Ok(_)) = ticket.checked.get() {
+                prepared.push(bound.clone().unbind());
             }
         }
-        let reads = self.guard.plan(batch);
-        if reads.is_empty() {
-            // Everything is answered from memory: judged now, in one call.
-            self.judge(&prepared.iter().map(|t| t.get()).collect::<Vec<_>>());
-            return Ok(None);
-        }
-        let tickets = prepared.into_iter().map(|t| t.clone().unbind()).collect();
-        Ok(Some(GuardReads { reads, tickets }))
+        Ok((!prepared.is_empty()).then_some(GuardReads { tickets: prepared }))
     }
 
-    /// Reads what ``prepare`` asked for, with the GIL released; it waits
-    /// for the table's lock, so call it from a worker thread.
+    /// Plans what the prepared batch needs from the table, reads it and
+    /// judges the batch, the GIL released, leaving each verdict given in its
+    /// ticket for ``check``. It may wait for the table's lock: call it from
+    /// a worker thread.
     fn read(&self, py: Python<'_>, reads: &Bound<'_, GuardReads>) -> Result<()> {
         let table = self.table.bind(py).get();
         let now = table.now_ms(py)?;
@@ -219,9 +203,14 @@ impl GuardCore {
         let reads = reads.get();
         py.detach(|| {
             let tickets: Vec<&Ticket> = reads.tickets.iter().map(|t| t.get()).collect();
-            let checked = tickets.iter().filter_map(|t| t.checked.get().and_then(|c| c.as_ref().ok()));
-            let (generation, verdicts) =
-                self.guard.read_and_judge(&core, &reads.reads, now, checked, self.one_per_key)?;
+            let checked: Vec<&Checked> =
+                tickets.iter().filter_map(|t| t.checked.get().and_then(|c| c.as_ref().ok())).collect();
+            let plan = self.guard.plan(checked.iter().copied());
+            let (generation, verdicts) = if plan.is_empty() {
+                self.guard.judge(checked.iter().copied(), self.one_per_key)
+            } else {
+                self.guard.read_and_judge(&core, &plan, now, checked.iter().copied(), self.one_per_key)?
+            };
             set_verdicts(&tickets, generation, verdicts);
             Ok(())
         })
