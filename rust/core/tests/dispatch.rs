@@ -358,17 +358,25 @@ macro_rules! suite {
 
             #[test]
             fn stress_many_threads_keep_per_key_order() {
-                stress::<L>(Ordering::Key, false);
+                stress::<L>(Ordering::Key, false, 101);
+            }
+
+            #[test]
+            fn stress_with_lanes_swept_while_pushed_to() {
+                // Far more keys than the capacity keeps lanes for: lanes are
+                // swept and retired all along, also between a push's lookup
+                // of a lane and its push to it.
+                stress::<L>(Ordering::Key, false, 50_000);
             }
 
             #[test]
             fn stress_with_concurrent_revokes_loses_nothing() {
-                stress::<L>(Ordering::Key, true);
+                stress::<L>(Ordering::Key, true, 101);
             }
 
             #[test]
             fn stress_partition_order() {
-                stress::<L>(Ordering::Partition, false);
+                stress::<L>(Ordering::Partition, false, 101);
             }
         }
     };
@@ -382,7 +390,7 @@ suite!(shipped, Dispatcher<Item>);
 /// key's offsets, per partition, are completed in increasing order. With
 /// `revokes`, a chaos thread revokes partitions meanwhile; every pushed
 /// message must still end up completed, stale, or counted as revoked.
-fn stress<L: Dispatch<Item> + 'static>(ordering: Ordering, revokes: bool) {
+fn stress<L: Dispatch<Item> + 'static>(ordering: Ordering, revokes: bool, keys: usize) {
     use std::sync::atomic::{AtomicBool, Ordering as A};
     use std::sync::{Arc, Mutex};
 
@@ -419,7 +427,7 @@ fn stress<L: Dispatch<Item> + 'static>(ordering: Ordering, revokes: bool) {
                         let which = (offset as usize + i) % 2;
                         let o = next[which];
                         next[which] += 1 + (o % 5 == 0) as i64; // some gaps
-                        let key = format!("k{}", (offset as usize + i) % 101);
+                        let key = format!("k{}", (offset as usize + i) % keys);
                         prep(&*d, Some(&key), parts[which], o)
                     })
                     .collect();
@@ -535,6 +543,9 @@ fn stress<L: Dispatch<Item> + 'static>(ordering: Ordering, revokes: bool) {
     }
     let s = d.stats();
     let pushed = (FEEDERS as u64) * per_feeder as u64;
+    if keys > 5_000 {
+        assert!(s.lanes < keys.min(pushed as usize) / 2, "idle lanes were swept meanwhile: {s:?}");
+    }
     assert_eq!(s.pushed, pushed);
     assert_eq!((s.queued, s.in_flight, s.tombstones), (0, 0, 0), "{s:?}");
     assert_eq!(d.free_capacity(), 5_000, "nothing leaked");
