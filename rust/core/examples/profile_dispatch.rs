@@ -1,9 +1,11 @@
 //! A fixed workload for profilers (`perf record`, `valgrind --tool=callgrind`):
 //! the single-thread push/pop/complete loop of `benches/dispatch.rs`.
+//! Arguments: rounds of 1,024 messages (2,000), keys (10,000).
 use keylane_core::dispatch::{Config, Dispatch, Dispatcher, Ordering, Prepared};
 
 fn main() {
     let rounds: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let keys: u64 = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let d: Dispatcher<u64> = Dispatcher::new(Config {
         ordering: Ordering::Key,
         capacity: 1 << 20,
@@ -19,7 +21,7 @@ fn main() {
         let t0 = std::time::Instant::now();
         let batch: Vec<Prepared<u64>> = (0..1024)
             .map(|_| {
-                let key = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 10_000).to_le_bytes();
+                let key = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % keys).to_le_bytes();
                 let partition = (n % 12) as i32;
                 let offset = offsets[partition as usize];
                 offsets[partition as usize] += 1;

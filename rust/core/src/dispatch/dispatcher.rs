@@ -351,6 +351,15 @@ impl<T: Send> Dispatch<T> for Dispatcher<T> {
         let mut idle = 0;
         let mut again = Vec::new();
         let mut in_flight = Tally::default();
+        // Each release is a CAS on its lane's line; reading every line
+        // first lets their misses overlap (see push_many).
+        let mut depth = 0;
+        for r in &receipts {
+            if let Some(lane) = r.lane {
+                depth += self.lane(lane).depth();
+            }
+        }
+        std::hint::black_box(depth);
         for r in receipts {
             // SAFETY: a receipt's slot is unresolved until this call resolves it.
             let part = unsafe { &*r.slot.owner().cast::<Partition>() };

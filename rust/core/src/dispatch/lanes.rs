@@ -3,7 +3,9 @@
 //! A fixed array of bucket words. A word is empty (0), a lane's address
 //! (the usual case: one lane in the bucket, found in one step), or, tagged
 //! with the low bit, the address of an immutable snapshot listing the
-//! bucket's lanes. Reading is a load (and a scan of a snapshot). Adding a
+//! bucket's lanes with their ids (one allocation: a lookup reads the
+//! snapshot and then only the lane it finds, not every lane of the bucket).
+//! Reading is a load (and a scan of a snapshot). Adding a
 //! lane, or removing retired ones, builds the new word and swaps it in
 //! with one CAS; a CAS that loses to another thread's is retried on the
 //! newer word. So two pushers of a new key can never create two lanes for
@@ -73,10 +75,14 @@ impl<E> std::fmt::Debug for Lanes<E> {
     }
 }
 
+/// A snapshot's entry: a lane's id and address. The snapshot is one boxed
+/// slice whose first entry holds the count of those after it.
+type Listed<E> = (u64, *mut Lane<E>);
+
 /// What a bucket word holds, borrowed for as long as the caller's guard.
 enum Held<'g, E> {
     One(&'g Lane<E>),
-    Many(&'g [*mut Lane<E>]),
+    Many(&'g [Listed<E>]),
 }
 
 impl<'g, E> Held<'g, E> {
@@ -90,7 +96,7 @@ impl<'g, E> Held<'g, E> {
             Some(Held::One(unsafe { &*(word as *const Lane<E>) }))
         } else {
             // SAFETY: as above; snapshots are never mutated.
-            Some(Held::Many(unsafe { &*((word & !LIST) as *const Vec<*mut Lane<E>>) }))
+            Some(Held::Many(unsafe { snapshot::<E>(word) }))
         }
     }
 
@@ -98,7 +104,19 @@ impl<'g, E> Held<'g, E> {
         match self {
             Held::One(l) => f(l),
             // SAFETY: lanes listed in a live snapshot are alive.
-            Held::Many(ls) => ls.iter().for_each(|&l| f(unsafe { &*l })),
+            Held::Many(ls) => ls.iter().for_each(|&(_, l)| f(unsafe { &*l })),
+        }
+    }
+
+    /// The live (not retired) lane of `id`, if the bucket has one.
+    fn find(&self, id: u64) -> Option<&'g Lane<E>> {
+        match self {
+            Held::One(l) => (l.id == id && !l.is_retired()).then_some(*l),
+            Held::Many(ls) => ls.iter().find_map(|&(lid, l)| {
+                // SAFETY: lanes listed in a live snapshot are alive.
+                let l = unsafe { &*l };
+                (lid == id && !l.is_retired()).then_some(l)
+            }),
         }
     }
 }
@@ -144,15 +162,7 @@ impl<E> Lanes<E> {
             let cur = slot.load(Acquire);
             // SAFETY: loaded under `guard`.
             let held = unsafe { Held::<E>::of(cur) };
-            let mut found = None;
-            if let Some(held) = &held {
-                held.for_each(|l| {
-                    if l.id == id && !l.is_retired() {
-                        found = Some(l);
-                    }
-                });
-            }
-            if let Some(l) = found {
+            if let Some(l) = held.as_ref().and_then(|h| h.find(id)) {
                 return l;
             }
             let (mut keep, mut gone) = (Vec::new(), Vec::new());
@@ -270,9 +280,9 @@ impl<E> Lanes<E> {
     /// The caller's CAS just unlinked the word `old` and the lanes in `gone`.
     unsafe fn free(&self, old: usize, gone: &[*mut Lane<E>], guard: &Guard) {
         if old & LIST != 0 {
-            let list = SendPtr((old & !LIST) as *mut Vec<*mut Lane<E>>);
+            let word = old;
             // SAFETY: unlinked; readers pinned before are waited for.
-            unsafe { guard.defer_unchecked(move || drop(Box::from_raw(list.into_inner()))) };
+            unsafe { guard.defer_unchecked(move || drop_word_shell::<E>(word)) };
         }
         for &lane in gone {
             self.live.fetch_sub(1, Relaxed);
@@ -314,8 +324,25 @@ fn word_of<E>(lanes: &[*mut Lane<E>]) -> usize {
     match lanes {
         [] => 0,
         [one] => *one as usize,
-        many => Box::into_raw(Box::new(many.to_vec())) as usize | LIST,
+        many => {
+            let mut list: Vec<Listed<E>> = Vec::with_capacity(many.len() + 1);
+            list.push((many.len() as u64, std::ptr::null_mut()));
+            // SAFETY: the caller holds the lanes it lists (alive under its guard).
+            list.extend(many.iter().map(|&l| (unsafe { (*l).id }, l)));
+            let raw: *mut [Listed<E>] = Box::into_raw(list.into_boxed_slice());
+            raw.cast::<Listed<E>>() as usize | LIST
+        }
     }
+}
+
+/// The lanes a snapshot word lists.
+///
+/// # Safety
+/// `word` is a live snapshot word (tagged `LIST`, from `word_of`).
+unsafe fn snapshot<'g, E>(word: usize) -> &'g [Listed<E>] {
+    let first = (word & !LIST) as *const Listed<E>;
+    // SAFETY: the first entry holds the count of those after it.
+    unsafe { std::slice::from_raw_parts(first.add(1), (*first).0 as usize) }
 }
 
 /// Frees the snapshot of a word (not the lanes in it), if it has one.
@@ -324,8 +351,13 @@ fn word_of<E>(lanes: &[*mut Lane<E>]) -> usize {
 /// Nobody else can reach the snapshot.
 unsafe fn drop_word_shell<E>(word: usize) {
     if word & LIST != 0 {
-        // SAFETY: the caller's guarantee.
-        drop(unsafe { Box::from_raw((word & !LIST) as *mut Vec<*mut Lane<E>>) });
+        let first = (word & !LIST) as *mut Listed<E>;
+        // SAFETY: the caller's guarantee; the slice `word_of` boxed, whose
+        // length is the count in its first entry plus that entry.
+        unsafe {
+            let len = (*first).0 as usize + 1;
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(first, len)));
+        }
     }
 }
 
@@ -335,5 +367,50 @@ struct SendPtr<T>(*mut T);
 impl<T> SendPtr<T> {
     fn into_inner(self) -> *mut T {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_of_many_lanes_find_each_and_drop_the_retired() {
+        // 5,000 lanes in 1,024 buckets: nearly every bucket is a snapshot.
+        let table: Lanes<u32> = Lanes::new(0);
+        assert_eq!(table.buckets.len(), MIN_BUCKETS);
+        let guard = crossbeam_epoch::pin();
+        let ids: Vec<u64> = (0..5_000).collect();
+        let first: Vec<*const Lane<u32>> =
+            ids.iter().map(|&id| std::ptr::from_ref(table.get(id, &guard))).collect();
+        assert_eq!(table.len(), ids.len());
+        for (&id, &lane) in ids.iter().zip(&first) {
+            let again = table.get(id, &guard);
+            assert!(std::ptr::eq(again, lane), "lane {id} found again");
+            assert_eq!(again.id, id);
+        }
+        // Retire the even ids' lanes and take them out of their buckets.
+        for &id in ids.iter().filter(|id| *id % 2 == 0) {
+            let lane = table.get(id, &guard);
+            lane.take_used();
+            assert!(lane.try_retire());
+        }
+        for &id in &ids {
+            table.remove_retired(table.bucket(id), &guard);
+        }
+        assert_eq!(table.len(), ids.len() / 2);
+        let mut seen = 0;
+        table.for_each(&guard, |l| {
+            assert_eq!(l.id % 2, 1);
+            seen += 1;
+        });
+        assert_eq!(seen, ids.len() / 2);
+        // A retired id gets a fresh lane; the others keep theirs.
+        for (&id, &lane) in ids.iter().zip(&first) {
+            let now = table.get(id, &guard);
+            assert_eq!(now.id, id);
+            assert_eq!(std::ptr::eq(now, lane), id % 2 == 1);
+        }
+        assert_eq!(table.len(), ids.len());
     }
 }
