@@ -1,7 +1,10 @@
 //! A fixed workload for profilers (`perf record`, `valgrind --tool=callgrind`):
 //! the single-thread push/pop/complete loop of `benches/dispatch.rs`.
 //! Arguments: rounds of 1,024 messages (2,000), keys (10,000).
-use keylane_core::dispatch::{Config, Dispatch, Dispatcher, Ordering, Prepared};
+use keylane_core::dispatch::{Config, Dispatch, Dispatcher, Ordering};
+
+#[path = "support/feed.rs"]
+mod feed;
 
 fn main() {
     let rounds: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2000);
@@ -13,22 +16,12 @@ fn main() {
         seed: None,
     })
     .unwrap();
-    let mut offsets = [0i64; 12];
-    let mut n = 0u64;
+    let mut feed = feed::Feed::new(keys);
     let start = std::time::Instant::now();
     let (mut t_prep, mut t_push, mut t_pop, mut t_done) = (0f64, 0f64, 0f64, 0f64);
     for _ in 0..rounds {
         let t0 = std::time::Instant::now();
-        let batch: Vec<Prepared<u64>> = (0..1024)
-            .map(|_| {
-                let key = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % keys).to_le_bytes();
-                let partition = (n % 12) as i32;
-                let offset = offsets[partition as usize];
-                offsets[partition as usize] += 1;
-                n += 1;
-                Prepared { lane: d.lane_of(Some(&key), partition), partition, offset, item: n }
-            })
-            .collect();
+        let batch = feed.batch(&d, 1024);
         let t1 = std::time::Instant::now();
         d.push_many(batch).unwrap();
         let t2 = std::time::Instant::now();

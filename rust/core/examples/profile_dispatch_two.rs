@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use keylane_core::dispatch::{Config, Dispatch, Dispatcher, Ordering, Prepared};
+use keylane_core::dispatch::{Config, Dispatch, Dispatcher, Ordering};
+
+#[path = "support/feed.rs"]
+mod feed;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -27,23 +30,14 @@ fn main() {
     let feeder = {
         let d = Arc::clone(&d);
         std::thread::spawn(move || {
-            let (mut n, mut offsets, mut sent, mut pushing) = (0u64, [0i64; 12], 0, 0f64);
+            let (mut feed, mut sent, mut pushing) = (feed::Feed::new(10_000), 0, 0f64);
             while sent < total {
                 let room = d.free_capacity().min(BATCH).min(total - sent);
                 if room == 0 {
                     std::hint::spin_loop();
                     continue;
                 }
-                let batch: Vec<Prepared<u64>> = (0..room)
-                    .map(|_| {
-                        let key = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 10_000).to_le_bytes();
-                        let partition = (n % 12) as i32;
-                        let offset = offsets[partition as usize];
-                        offsets[partition as usize] += 1;
-                        n += 1;
-                        Prepared { lane: d.lane_of(Some(&key), partition), partition, offset, item: n }
-                    })
-                    .collect();
+                let batch = feed.batch(&*d, room);
                 let t = Instant::now();
                 d.push_many(batch).unwrap();
                 pushing += t.elapsed().as_secs_f64();

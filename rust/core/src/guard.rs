@@ -410,7 +410,13 @@ impl Guard {
     fn settled(&self) -> MutexGuard<'_, State> {
         let mut state = self.state.lock();
         let mut logged = std::mem::take(&mut state.log_spare);
-        std::mem::swap(&mut *self.log.lock(), &mut logged);
+        {
+            let mut log = self.log.lock();
+            std::mem::swap(&mut *log, &mut logged);
+            // Still counted while being taken in: `recorded` never says 0
+            // while anything is pending.
+            self.recorded_then.fetch_add(logged.len(), Relaxed);
+        }
         for c in &logged {
             state.applied(c);
         }
@@ -585,9 +591,8 @@ impl Guard {
     /// `applied` for several messages: appended to the log, under its own
     /// lock, which no thread holds for longer than a swap.
     pub fn applied_many<'a>(&self, batch: impl IntoIterator<Item = &'a Checked>) -> usize {
-        let mut log = self.log.lock();
-        log.extend(batch.into_iter().cloned());
-        self.recorded_then.load(Relaxed) + log.len()
+        self.log.lock().extend(batch.into_iter().cloned());
+        self.recorded()
     }
 
     /// How many checks read the table themselves, nothing having been read
@@ -596,9 +601,12 @@ impl Guard {
         self.in_place.load(Relaxed)
     }
 
-    /// How many versions or ids are recorded and not yet being written.
+    /// About how many versions or ids are recorded and not yet being
+    /// written: at most this many, and 0 only when none is. It does not
+    /// take the log in (the event loop asks before every flush).
     pub fn recorded(&self) -> usize {
-        self.settled().recorded.len()
+        let log = self.log.lock();
+        self.recorded_then.load(Relaxed) + log.len()
     }
 
     /// Writes what is recorded, in one transaction per kind (versions, then
@@ -905,6 +913,8 @@ mod tests {
         let (t, g) = (&f.table, &f.guard);
         // Logged only: the maps take it in at the next call that reads them.
         assert_eq!(g.applied_many(&[msg(b"a", 3, None), msg(b"a", 5, None), msg(b"b", 1, None)]), 3);
+        assert_eq!(g.state.lock().known.len(), 0);
+        assert_eq!(g.recorded(), 3, "counted (at most) without being taken in");
         assert_eq!(g.state.lock().known.len(), 0);
         std::thread::scope(|s| {
             s.spawn(|| {

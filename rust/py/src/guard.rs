@@ -270,7 +270,8 @@ impl GuardCore {
         self.guard.looked_up_in_place()
     }
 
-    /// How many versions or ids are recorded and not yet being written.
+    /// About how many versions or ids are recorded and not yet being
+    /// written: at most this many, 0 only when none is.
     #[getter]
     fn recorded(&self) -> usize {
         self.guard.recorded()
